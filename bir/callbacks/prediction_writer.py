@@ -1,0 +1,246 @@
+"""Writes what predict modules return: images, kernels, curves, per-image records and a summary.
+
+Layout under ``output_dir`` for an input named ``sub/img``::
+
+    sub/img.png                 restored image (written last: its presence marks the image done)
+    kernels/sub/img.png, .npy   estimated kernel, if the method returns one
+    curves/sub/img.json         loss curve / guidance-scale trajectory, if returned
+    curves/sub/img_scale.png    plot of the guidance scale over the sampling steps
+    records/sub/img.json        metrics against the ground truth (when given) and extras
+    metrics.csv, summary.md     one row per image / mean, std and count per metric (rank 0)
+
+Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
+partial file under a final name, and a restarted run skips images whose output exists. Under DDP
+each rank writes its own images (names are unique); rank 0 builds the summary from the records on
+disk after a barrier, so the table also covers images finished by an earlier, interrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from bir.data.io import atomic_write_bytes, save_image
+
+log = logging.getLogger(__name__)
+
+
+def _to_jsonable(v):
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _per_sample(value, i: int):
+    if isinstance(value, torch.Tensor) and value.ndim >= 1:
+        return value[i]
+    if isinstance(value, list | tuple):
+        return value[i]
+    return value
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Atomic, resumable, DDP-safe writer for predict outputs (docs/contracts.md).
+
+    Args:
+        output_dir: where to write.
+        image_suffix: file type of restored images (".png").
+        metrics: full-reference metrics computed when the batch carries ``gt``.
+        crop_border: pixels cropped from each border before PSNR/SSIM.
+        save_kernels / save_curves: write estimated kernels / loss and scale curves.
+        log_images: log the first ``log_images`` (LQ | restored | GT) grids to the logger.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        image_suffix: str = ".png",
+        metrics: tuple[str, ...] = ("psnr", "ssim"),
+        crop_border: int = 0,
+        save_kernels: bool = True,
+        save_curves: bool = True,
+        log_images: int = 8,
+    ):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.image_suffix = image_suffix
+        self.metrics, self.crop_border = tuple(metrics), crop_border
+        self.save_kernels, self.save_curves = save_kernels, save_curves
+        self.log_images = log_images
+        self.failed: list[str] = []
+        self._logged = 0
+        self._table_rows: list[dict] = []
+
+    # -- helpers -------------------------------------------------------------------------------
+    def image_path(self, name: str) -> Path:
+        return self.output_dir / f"{name}{self.image_suffix}"
+
+    def done_names(self) -> set[str]:
+        """Names whose restored image already exists (a resumed run skips these)."""
+        if not self.output_dir.exists():
+            return set()
+        skip = {"kernels", "curves", "records"}
+        out = set()
+        for p in self.output_dir.rglob(f"*{self.image_suffix}"):
+            rel = p.relative_to(self.output_dir)
+            if rel.parts[0] in skip or p.name.startswith("."):
+                continue
+            out.add(str(rel.with_suffix("")).replace(os.sep, "/"))
+        return out
+
+    def _metrics(self, restored: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
+        from bir import metrics as M
+
+        if restored.shape != gt.shape:
+            log.warning("ground truth %s differs in size from output %s; no metrics",
+                        tuple(gt.shape), tuple(restored.shape))  # fmt: skip
+            return {}
+        out = {}
+        x, y = restored[None].float(), gt[None].float().to(restored.device)
+        for name in self.metrics:
+            if name in ("psnr", "ssim"):
+                fn = getattr(M, name)
+                out[name] = float(fn(x, y, crop_border=self.crop_border)[0])
+                out[f"{name}_y"] = float(fn(x, y, crop_border=self.crop_border, y_channel=True)[0])
+            elif hasattr(M, name):
+                out[name] = float(getattr(M, name)(x, y)[0])
+        return out
+
+    def _write_kernel(self, name: str, kernel: torch.Tensor) -> None:
+        k = kernel.detach().float().cpu()
+        buf = io.BytesIO()
+        np.save(buf, k.numpy())
+        atomic_write_bytes(self.output_dir / "kernels" / f"{name}.npy", buf.getvalue())
+        view = k if k.ndim == 3 else k[None]
+        view = view.mean(0, keepdim=True) if view.shape[0] not in (1, 3) else view
+        view = view / view.max().clamp(min=1e-12)
+        view = torch.nn.functional.interpolate(view[None], scale_factor=max(1, 128 // view.shape[-1]),
+                                               mode="nearest")[0]  # fmt: skip
+        save_image(view.expand(3, -1, -1) if view.shape[0] == 1 else view,
+                   self.output_dir / "kernels" / f"{name}.png")  # fmt: skip
+
+    def _write_curves(self, name: str, curves: dict[str, torch.Tensor]) -> None:
+        data = {k: _to_jsonable(v) for k, v in curves.items()}
+        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", json.dumps(data).encode())
+        if "scale_trajectory" in curves:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            s = curves["scale_trajectory"].detach().float().cpu().numpy()
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.plot(np.arange(len(s))[::-1], s)  # sampling runs from t = T-1 down to 0
+            ax.set_xlabel("sampling step (T-1 -> 0)")
+            ax.set_ylabel("guidance scale s")
+            ax.invert_xaxis()
+            ax.set_title(name)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            plt.close(fig)
+            atomic_write_bytes(self.output_dir / "curves" / f"{name}_scale.png", buf.getvalue())
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0):  # fmt: skip
+        if prediction is None:
+            return
+        restored = prediction["restored"]
+        names = prediction.get("name", batch.get("name"))
+        for i, name in enumerate(names):
+            img = restored[i]
+            if not torch.isfinite(img).all():
+                self.failed.append(name)
+                log.error("output for %s contains NaN/inf; not written", name)
+                continue
+            record: dict = {"name": name}
+            if "gt" in batch and self.metrics:
+                record["metrics"] = self._metrics(img, batch["gt"][i])
+            extras = prediction.get("extras", {})
+            record["extras"] = {k: _to_jsonable(_per_sample(v, i)) for k, v in extras.items()}
+            if self.save_kernels and prediction.get("kernel") is not None:
+                self._write_kernel(name, prediction["kernel"][i])
+            curves = {k: prediction[k][i] for k in ("loss_curve", "scale_trajectory")
+                      if prediction.get(k) is not None}  # fmt: skip
+            if self.save_curves and curves:
+                self._write_curves(name, curves)
+                record["final_loss"] = _to_jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
+            atomic_write_bytes(self.output_dir / "records" / f"{name}.json",
+                               json.dumps(record, indent=1).encode())  # fmt: skip
+            save_image(img, self.image_path(name))  # last: marks the image done
+            self._table_rows.append({"name": name, **record.get("metrics", {})})
+            self._log_grid(trainer, batch, restored, i, name)
+
+    def _log_grid(self, trainer, batch, restored, i, name) -> None:
+        logger = trainer.logger
+        if logger is None or self._logged >= self.log_images or not hasattr(logger, "log_image"):
+            return
+        panels = []
+        if "lq" in batch:
+            lq = batch["lq"][i]
+            if lq.shape != restored[i].shape:
+                lq = torch.nn.functional.interpolate(lq[None], restored.shape[-2:], mode="nearest")[0]
+            panels.append(lq)
+        panels.append(restored[i])
+        if "gt" in batch and batch["gt"][i].shape == restored[i].shape:
+            panels.append(batch["gt"][i])
+        grid = torch.cat([p.detach().float().cpu().clamp(0, 1) for p in panels], dim=-1)
+        logger.log_image(key="predict/images", images=[grid], caption=[f"{name}: LQ | output | GT"])
+        self._logged += 1
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            rows = self.write_summary()
+            logger = trainer.logger
+            if logger is not None and hasattr(logger, "log_table") and rows:
+                cols = sorted({k for r in rows for k in r})
+                logger.log_table(key="predict/metrics", columns=cols,
+                                 data=[[r.get(c) for c in cols] for r in rows])  # fmt: skip
+        if self.failed:
+            raise RuntimeError(
+                f"{len(self.failed)} outputs were not finite and were not written: "
+                + ", ".join(self.failed[:10])
+            )
+
+    def write_summary(self) -> list[dict]:
+        """Build metrics.csv and summary.md from every record on disk; returns the rows."""
+        rows = []
+        records = self.output_dir / "records"
+        for p in sorted(records.rglob("*.json")) if records.exists() else []:
+            rec = json.loads(p.read_text())
+            rows.append({"name": rec["name"], **rec.get("metrics", {}),
+                         **({"final_loss": rec["final_loss"]} if "final_loss" in rec else {})})  # fmt: skip
+        if not rows:
+            return rows
+        cols = ["name"] + sorted({k for r in rows for k in r} - {"name"})
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.output_dir / "metrics.csv", buf.getvalue().encode())
+        lines = ["| metric | mean | std | count |", "|---|---|---|---|"]
+        for c in cols[1:]:
+            vals = np.array([r[c] for r in rows if r.get(c) is not None], dtype=np.float64)
+            if len(vals):
+                lines.append(f"| {c} | {vals.mean():.4f} | {vals.std():.4f} | {len(vals)} |")
+        lines.append(f"\n{len(rows)} images; output in {self.output_dir}")
+        atomic_write_bytes(self.output_dir / "summary.md", ("\n".join(lines) + "\n").encode())
+        log.info("summary:\n%s", "\n".join(lines))
+        return rows

@@ -1,0 +1,1 @@
+"""Datasets, the datamodule, robust image I/O and the embedded sample photographs."""

@@ -1,0 +1,1 @@
+"""Schedules, samplers and guidance for diffusion priors (pure functions, no Lightning)."""

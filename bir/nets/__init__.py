@@ -1,0 +1,1 @@
+"""Checkpoint-faithful networks: SwinIR, UNet (SD 2.1 and ADM flavours), VAE, ControlNet."""
