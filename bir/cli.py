@@ -155,8 +155,8 @@ def restore(cfg: DictConfig) -> dict:
               "to_restore": len(dataset), "unreadable": len(dataset.skipped)}  # fmt: skip
     log.info("restore: %s", counts)
     if len(dataset) == 0:
-        writer.write_summary()
         log.info("nothing to restore: every output in %s exists", cfg.output)
+        counts.update(summary_means(writer))
         return counts
     model = hydra.utils.instantiate(cfg.method)
     logger = instantiate_logger(cfg.get("logger"), cfg)
@@ -167,7 +167,21 @@ def restore(cfg: DictConfig) -> dict:
         trainer.predict(model, dataloaders=loader, return_predictions=False)
     finally:
         _close_logger(logger)
+    counts.update(summary_means(writer))
     return counts
+
+
+def summary_means(writer) -> dict[str, float]:
+    """Mean of every per-image metric on disk (what sweepers optimise)."""
+    import math
+
+    rows = writer.write_summary()
+    means = {}
+    for key in {k for r in rows for k in r} - {"name"}:
+        vals = [r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+        if vals:
+            means[key] = sum(vals) / len(vals)
+    return means
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -178,5 +192,7 @@ def train_main(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="restore")
-def restore_main(cfg: DictConfig) -> None:
-    restore(cfg)
+def restore_main(cfg: DictConfig) -> float | None:
+    result = restore(cfg)
+    # returned for sweepers (e.g. Optuna) that optimise a metric against the ground truth
+    return result.get(cfg.get("optimized_metric", "psnr"))
