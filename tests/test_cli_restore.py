@@ -80,3 +80,19 @@ def test_restore_ddp_cpu_writes_each_image_exactly_once(tmp_path):
     records = sorted(json.loads(p.read_text())["name"] for p in (out / "records").rglob("*.json"))
     assert records == sorted(names)  # each once, none duplicated by padding
     assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + len(names)
+
+
+def test_wandb_offline_logs_config_git_images_and_table(tmp_path):
+    _inputs(tmp_path / "in", 2)
+    # ground truth = inputs, so per-image metrics exist and the metric table is logged
+    args = ["method=baseline", "logger=wandb", "tags=[ablation]", f"input={tmp_path / 'in'}",
+            f"gt={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "callbacks.progress_bar=null"]  # fmt: skip
+    proc = run_cli("bir-restore", args, tmp_path)
+    assert proc.returncode == 0
+    runs = list((tmp_path / "outputs" / "restore").glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    for needle in (b"ClassicalBaseline", b'"commit"', b'"dirty"', b"ablation", b"predict/metrics"):
+        assert needle in blob, needle
+    media = list(runs[0].parent.glob("files/media/images/predict/*.png"))
+    assert len(media) == 2

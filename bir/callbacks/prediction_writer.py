@@ -85,6 +85,7 @@ class PredictionWriter(BasePredictionWriter):
         self.failed: list[str] = []
         self._logged = 0
         self._table_rows: list[dict] = []
+        self._metric_warned: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------------
     def image_path(self, name: str) -> Path:
@@ -113,12 +114,17 @@ class PredictionWriter(BasePredictionWriter):
         out = {}
         x, y = restored[None].float(), gt[None].float().to(restored.device)
         for name in self.metrics:
-            if name in ("psnr", "ssim"):
-                fn = getattr(M, name)
-                out[name] = float(fn(x, y, crop_border=self.crop_border)[0])
-                out[f"{name}_y"] = float(fn(x, y, crop_border=self.crop_border, y_channel=True)[0])
-            elif hasattr(M, name):
-                out[name] = float(getattr(M, name)(x, y)[0])
+            try:
+                if name in ("psnr", "ssim"):
+                    fn = getattr(M, name)
+                    out[name] = float(fn(x, y, crop_border=self.crop_border)[0])
+                    out[f"{name}_y"] = float(fn(x, y, crop_border=self.crop_border, y_channel=True)[0])
+                else:
+                    out[name] = float(getattr(M, name)(x, y)[0])
+            except (ValueError, FileNotFoundError, AttributeError) as err:
+                if name not in self._metric_warned:
+                    self._metric_warned.add(name)
+                    log.warning("metric %s skipped: %s", name, err)
         return out
 
     def _write_kernel(self, name: str, kernel: torch.Tensor) -> None:

@@ -1,0 +1,130 @@
+"""bir.eval: folder matching, robustness to bad inputs, summary files and the bir-eval CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bir import metrics as M
+from bir.data.io import read_image, save_image
+from bir.eval import evaluate_folders, match_folders, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """pred/ and gt/ with: 2 good pairs (one in a subfolder, other suffix), one size mismatch,
+    one corrupt prediction, one prediction without gt and one gt without prediction."""
+    g = torch.Generator().manual_seed(0)
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for name, suffix in (("a", ".png"), ("sub/b", ".bmp")):
+        img = torch.rand(3, 24, 24, generator=g)
+        save_image(img, gt / f"{name}.png")
+        save_image(
+            (img + 0.1 * torch.rand(3, 24, 24, generator=g)).clamp(0, 1), pred / f"{name}{suffix}"
+        )
+    save_image(torch.rand(3, 24, 24, generator=g), pred / "c.png")
+    save_image(torch.rand(3, 24, 32, generator=g), gt / "c.png")  # wrong size
+    (pred / "d.png").write_bytes(b"\x89PNG garbage, not an image")
+    save_image(torch.rand(3, 24, 24, generator=g), gt / "d.png")
+    save_image(torch.rand(3, 24, 24, generator=g), pred / "only_pred.png")
+    save_image(torch.rand(3, 24, 24, generator=g), gt / "only_gt.png")
+    return pred, gt
+
+
+def test_match_folders_by_relative_stem(folders):
+    pred, gt = folders
+    m = match_folders(pred, gt)
+    assert [s for s, _, _ in m.pairs] == ["a", "c", "d", "sub/b"]
+    assert [s for s, _ in m.only_pred] == ["only_pred"]
+    assert [s for s, _ in m.only_gt] == ["only_gt"]
+
+
+def test_evaluate_reports_problems_and_continues(folders):
+    pred, gt = folders
+    rows, summary = evaluate_folders(pred, gt, metrics=["psnr", "ssim"])
+    status = {r["name"]: r["status"] for r in rows}
+    assert status == {"a": "ok", "sub/b": "ok", "c": "size_mismatch", "d": "unreadable",
+                      "only_pred": "unmatched_pred", "only_gt": "unmatched_gt"}  # fmt: skip
+    counts = summary["counts"]
+    assert (counts["ok"], counts["size_mismatch"], counts["unreadable"]) == (2, 1, 1)
+    assert (counts["unmatched_pred"], counts["unmatched_gt"]) == (1, 1)
+    assert "d.png" in next(r for r in rows if r["name"] == "d")["error"]
+    # per-image values are the metric functions' values on the decoded files
+    expected = []
+    for name, suffix in (("a", ".png"), ("sub/b", ".bmp")):
+        x, y = read_image(pred / f"{name}{suffix}")[None], read_image(gt / f"{name}.png")[None]
+        row = next(r for r in rows if r["name"] == name)
+        assert row["psnr"] == pytest.approx(M.psnr(x, y).item())
+        assert row["ssim"] == pytest.approx(M.ssim(x, y).item())
+        expected.append(row["psnr"])
+    assert summary["metrics"]["psnr"]["mean"] == pytest.approx(sum(expected) / 2)
+    assert summary["metrics"]["psnr"]["count"] == 2
+
+
+def test_crop_border_and_y_channel_are_passed_through(folders):
+    pred, gt = folders
+    rows, _ = evaluate_folders(pred, gt, metrics=["psnr"], crop_border=3, y_channel=True)
+    x, y = read_image(pred / "a.png")[None], read_image(gt / "a.png")[None]
+    row = next(r for r in rows if r["name"] == "a")
+    assert row["psnr"] == pytest.approx(M.psnr(x, y, crop_border=3, y_channel=True).item())
+    assert row["psnr"] != pytest.approx(M.psnr(x, y).item())
+
+
+def test_folder_fid_with_small_feature_extractor(folders, tmp_path):
+    pred, gt = folders
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    dark = tmp_path / "dark"
+    for p in (gt / "a.png", gt / "sub/b.png", gt / "only_gt.png"):
+        save_image(read_image(p).pow(3), dark / p.relative_to(gt))
+    _, same = evaluate_folders(gt, gt, metrics=["fid"], feature_extractor=net)
+    _, diff = evaluate_folders(dark, gt, metrics=["fid"], feature_extractor=net)
+    assert abs(same["distribution"]["fid"]) < 1e-6
+    assert diff["distribution"]["fid"] > 100 * max(abs(same["distribution"]["fid"]), 1e-6)
+
+
+def test_unknown_metric_and_missing_gt_are_errors(folders):
+    pred, _ = folders
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate_folders(pred, pred, metrics=["psnrr"])
+    with pytest.raises(ValueError, match="ground-truth"):
+        evaluate_folders(pred, None, metrics=["psnr"])
+
+
+def test_write_results_csv_and_summaries(folders, tmp_path):
+    pred, gt = folders
+    rows, summary = evaluate_folders(pred, gt, metrics=["psnr"])
+    out, md, js = write_results(rows, summary, tmp_path / "res" / "scores.csv")
+    assert md.name == "scores.summary.md" and js.name == "scores.summary.json"
+    with open(out) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and {"name", "status", "psnr", "error"} <= set(table[0])
+    loaded = json.loads(js.read_text())
+    assert loaded["counts"]["unreadable"] == 1
+    assert f"| psnr | {summary['metrics']['psnr']['mean']:.4f}" in md.read_text()
+
+
+def test_bir_eval_cli_on_mismatched_folders(folders, tmp_path):
+    pred, gt = folders
+    out = tmp_path / "cli.csv"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bir.eval", f"pred={pred}", f"gt={gt}", "metrics=[psnr,ssim]",
+         "crop_border=2", "y_channel=true", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| psnr |" in proc.stdout and "unreadable: 1" in proc.stdout
+    summary = json.loads((tmp_path / "cli.summary.json").read_text())
+    assert summary["crop_border"] == 2 and summary["y_channel"] is True
+    assert summary["counts"]["size_mismatch"] == 1 and summary["metrics"]["ssim"]["count"] == 2
