@@ -47,7 +47,10 @@ def test_unwrap_formats_round_trip(tmp_path, wrap):
 def test_prefix_selection_prefers_most_matching():
     net = _net()
     sd = net.state_dict()
-    full = {**{f"model.diffusion_model.{k}": v for k, v in sd.items()}, "first_stage_model.x": torch.zeros(1)}
+    full = {
+        **{f"model.diffusion_model.{k}": v for k, v in sd.items()},
+        "first_stage_model.x": torch.zeros(1),
+    }
     assert set(strip_prefix(full, "first_stage_model.")) == {"x"}
     picked = select_prefix(full, ["", "model.", "model.diffusion_model."], sd.keys())
     assert set(picked) == set(sd)

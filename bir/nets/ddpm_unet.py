@@ -1,0 +1,266 @@
+"""The DDPM / DDIM pixel UNet (Ho et al. 2020; ermongroup/ddim ``models/diffusion.py``).
+
+Used by the CelebA-HQ 256 priors (SDEdit / DDIM releases, BIRD). Parameter names follow the
+release (``temb.dense.{0,1}``, ``conv_in``, ``down.i.block.j``, ``down.i.attn.j``,
+``down.i.downsample.conv``, ``mid.block_1``, ``mid.attn_1``, ``mid.block_2``, ``up.i.block.j``,
+``up.i.attn.j``, ``up.i.upsample.conv``, ``norm_out``, ``conv_out``) so its bare state dicts load
+with ``strict=True``; a DataParallel ``module.`` prefix is stripped by :func:`load_ddpm_unet`.
+
+The residual block, resamplers and the ``Encoder``/``Decoder`` skeleton are shared with ldm's VAE
+(:mod:`bir.nets.vae`), which uses the same building blocks without the timestep embedding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bir.nets.attention import SpatialSelfAttention
+from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
+
+# Published with SDEdit (README "Pretrained checkpoints"); a bare state dict.
+CELEBAHQ_URL = "https://github.com/ermongroup/SDEdit (celeba_hq.ckpt)"
+
+
+def ddpm_timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """DDPM's sinusoidal embedding (sin half first, frequencies ``10000 ** (-j / (half - 1))``).
+
+    Differs from :func:`bir.nets.unet.timestep_embedding` (cos first, ``/ half``) as in the
+    original TensorFlow DDPM code. ``timesteps``: ``[B]`` -> ``[B, dim]`` float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        * -(math.log(10000.0) / (half - 1))
+    )
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32 groups, eps 1e-6), the ``Normalize`` of DDPM and ldm's VAE."""
+    return nn.GroupNorm(32, channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """DDPM residual block (keys ``norm1``, ``conv1``, ``temb_proj``, ``norm2``, ``conv2``,
+    ``nin_shortcut`` / ``conv_shortcut``).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (default ``in_channels``).
+        conv_shortcut: 3x3 instead of 1x1 conv on the skip path when channels change.
+        dropout: dropout before ``conv2``.
+        temb_channels: timestep-embedding channels; 0 builds no ``temb_proj`` (VAE).
+
+    ``forward(x [B, C, H, W], temb [B, T] | None) -> [B, out_channels, H, W]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        conv_shortcut: bool = False,
+        dropout: float = 0.0,
+        temb_channels: int = 512,
+    ):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.use_conv_shortcut = conv_shortcut
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            if conv_shortcut:
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            else:
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+        return x + h
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling, optional 3x3 conv (key ``conv``)."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
+
+
+class Downsample(nn.Module):
+    """2x downsampling: asymmetric zero pad (right/bottom by 1) + stride-2 3x3 conv without
+    padding (the TF "SAME" emulation of the release), or 2x2 average pooling."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_conv:
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return F.avg_pool2d(x, 2, 2)
+
+
+class DDPMUNet(nn.Module):
+    """The DDPM/DDIM UNet ``Model`` (ch 128, ch_mult (1,1,2,2,4,4), attention at 16 for CelebA-HQ).
+
+    Args:
+        ch: base channels.
+        out_ch: output channels (3: eps).
+        ch_mult: channel multiplier per level.
+        num_res_blocks: ResnetBlocks per level in the encoder (decoder: one more).
+        attn_resolutions: feature-map sizes (pixels) with self-attention.
+        dropout: ResnetBlock dropout.
+        in_channels: input channels.
+        resolution: training image size; fixes where attention sits (any multiple of
+            ``2 ** (len(ch_mult) - 1)`` works at run time).
+        resamp_with_conv: learned convs in Up/Downsample.
+
+    ``forward(x [B, in_channels, H, W] in [-1, 1], t [B] original timesteps) -> eps [B, out_ch, H, W]``.
+    """
+
+    def __init__(
+        self,
+        ch: int = 128,
+        out_ch: int = 3,
+        ch_mult: Sequence[int] = (1, 1, 2, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.0,
+        in_channels: int = 3,
+        resolution: int = 256,
+        resamp_with_conv: bool = True,
+    ):
+        super().__init__()
+        self.ch = ch
+        self.temb_ch = ch * 4
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList(
+            [nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)]
+        )
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        in_ch_mult = (1, *ch_mult)
+        curr_res = resolution
+        block_in = ch
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[level], ch * mult
+            for _ in range(num_res_blocks):
+                stage.block.append(
+                    ResnetBlock(block_in, block_out, dropout=dropout, temb_channels=self.temb_ch)
+                )
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    stage.attn.append(SpatialSelfAttention(block_in))
+            if level != self.num_resolutions - 1:
+                stage.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res //= 2
+            self.down.append(stage)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(
+            block_in, block_in, dropout=dropout, temb_channels=self.temb_ch
+        )
+        self.mid.attn_1 = SpatialSelfAttention(block_in)
+        self.mid.block_2 = ResnetBlock(
+            block_in, block_in, dropout=dropout, temb_channels=self.temb_ch
+        )
+
+        up_stages: list[nn.Module] = []
+        for level in reversed(range(self.num_resolutions)):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = skip_in = ch * ch_mult[level]
+            for i in range(num_res_blocks + 1):
+                if i == num_res_blocks:
+                    skip_in = ch * in_ch_mult[level]  # the skip from the previous level's output
+                stage.block.append(
+                    ResnetBlock(
+                        block_in + skip_in, block_out, dropout=dropout, temb_channels=self.temb_ch
+                    )
+                )
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    stage.attn.append(SpatialSelfAttention(block_in))
+            if level != 0:
+                stage.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            up_stages.insert(0, stage)
+        self.up = nn.ModuleList(up_stages)
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = ddpm_timestep_embedding(t, self.ch).to(x.dtype)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+
+        hs = [self.conv_in(x)]
+        for level, stage in enumerate(self.down):
+            for i, block in enumerate(stage.block):
+                h = block(hs[-1], temb)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+                hs.append(h)
+            if level != self.num_resolutions - 1:
+                hs.append(stage.downsample(hs[-1]))
+
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+
+        for level in reversed(range(self.num_resolutions)):
+            stage = self.up[level]
+            for i, block in enumerate(stage.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if level != 0:
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def load_ddpm_unet(
+    module: DDPMUNet,
+    path: str | os.PathLike,
+    *,
+    config_key: str | None = "net.ckpt_path",
+    url: str | None = CELEBAHQ_URL,
+) -> DDPMUNet:
+    """Load a DDPM/DDIM-format state dict (bare, ``module.``-prefixed or wrapped) strictly."""
+    state = load_checkpoint(path, what="DDPM UNet", url=url, config_key=config_key)
+    sub = select_prefix(state, ("", "module.", "model.", "net."), module.state_dict().keys())
+    load_state_dict_checked(module, sub, name=f"DDPM UNet ({path})")
+    return module
