@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 # minutes on CPU, restore a held-out photograph, print PSNR of degraded vs restored, write a grid.
 demo: install
 	$(VENV)/bin/bir-train experiment=quickstart
+	$(PY) -m bir.demo
 
 test: install
 	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
