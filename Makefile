@@ -36,7 +36,7 @@ bench: install
 	$(PY) scripts/run_benches.py
 
 bench-quality: install
-	$(VENV)/bin/bir-bench quality --quick
+	$(PY) -m bir.bench_quality quality --quick
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

@@ -178,7 +178,9 @@ def summary_means(writer) -> dict[str, float]:
     rows = writer.write_summary()
     means = {}
     for key in {k for r in rows for k in r} - {"name"}:
-        vals = [r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+        vals = [
+            r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])
+        ]
         if vals:
             means[key] = sum(vals) / len(vals)
     return means

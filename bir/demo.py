@@ -27,7 +27,9 @@ from bir.random import sample_generators
 def newest_run(root: Path = Path("outputs/quickstart")) -> Path:
     runs = sorted(p.parent.parent for p in root.glob("*/checkpoints/last.ckpt"))
     if not runs:
-        raise FileNotFoundError(f"no finished quickstart run under {root}; run `bir-train experiment=quickstart`")
+        raise FileNotFoundError(
+            f"no finished quickstart run under {root}; run `bir-train experiment=quickstart`"
+        )
     return max(runs, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
 
 
@@ -48,7 +50,9 @@ def run(run_dir: Path, size: int = 256, seed: int = 2024) -> dict[str, float]:
     }
     grid = comparison_grid(lq, restored, gt)
     save_image(grid, run_dir / "demo_grid.png")
-    print(f"held-out photograph 'astronaut' ({size}x{size}), degradation: {cfg.degradation._target_}")
+    print(
+        f"held-out photograph 'astronaut' ({size}x{size}), degradation: {cfg.degradation._target_}"
+    )
     print(f"  degraded: PSNR {out['psnr_degraded']:.2f} dB  SSIM {out['ssim_degraded']:.4f}")
     print(f"  restored: PSNR {out['psnr_restored']:.2f} dB  SSIM {out['ssim_restored']:.4f}")
     print(f"  grid (LQ | restored | GT): {run_dir / 'demo_grid.png'}")

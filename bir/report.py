@@ -97,7 +97,9 @@ def to_markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], x_key: str, group_keys: list[str], metrics: list[str], path: Path) -> None:
+def plot(
+    rows: list[dict], x_key: str, group_keys: list[str], metrics: list[str], path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,17 +126,25 @@ def plot(rows: list[dict], x_key: str, group_keys: list[str], metrics: list[str]
     atomic_write_bytes(path, buf.getvalue())
 
 
-def report(sweep_dir: str | Path, metrics: list[str] | None = None, out: str | Path | None = None) -> dict:
+def report(
+    sweep_dir: str | Path, metrics: list[str] | None = None, out: str | Path | None = None
+) -> dict:
     """Write ``report.csv``, ``report.md`` and ``report.png`` for a multirun folder."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no Hydra job folders (.hydra/overrides.yaml) under {sweep_dir}")
     out = Path(out) if out else sweep_dir
-    metric_keys = {k for r in rows for k in r} - {k for r in rows for k in r if not isinstance(r[k], float)}
+    metric_keys = {k for r in rows for k in r} - {
+        k for r in rows for k in r if not isinstance(r[k], float)
+    }
     swept = swept_keys(rows, metric_keys)
     chosen = [m for m in (metrics or sorted(metric_keys)) if m in metric_keys]
-    columns = ["job", *[k for k in rows[0] if k not in metric_keys and k != "job"], *sorted(metric_keys)]
+    columns = [
+        "job",
+        *[k for k in rows[0] if k not in metric_keys and k != "job"],
+        *sorted(metric_keys),
+    ]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()

@@ -118,7 +118,9 @@ class PredictionWriter(BasePredictionWriter):
                 if name in ("psnr", "ssim"):
                     fn = getattr(M, name)
                     out[name] = float(fn(x, y, crop_border=self.crop_border)[0])
-                    out[f"{name}_y"] = float(fn(x, y, crop_border=self.crop_border, y_channel=True)[0])
+                    out[f"{name}_y"] = float(
+                        fn(x, y, crop_border=self.crop_border, y_channel=True)[0]
+                    )
                 else:
                     out[name] = float(getattr(M, name)(x, y)[0])
             except (ValueError, FileNotFoundError, AttributeError) as err:
@@ -201,7 +203,9 @@ class PredictionWriter(BasePredictionWriter):
         if "lq" in batch:
             lq = batch["lq"][i]
             if lq.shape != restored[i].shape:
-                lq = torch.nn.functional.interpolate(lq[None], restored.shape[-2:], mode="nearest")[0]
+                lq = torch.nn.functional.interpolate(lq[None], restored.shape[-2:], mode="nearest")[
+                    0
+                ]
             panels.append(lq)
         panels.append(restored[i])
         if "gt" in batch and batch["gt"][i].shape == restored[i].shape:

@@ -36,7 +36,9 @@ def _fit_to_crop(img: torch.Tensor, size: int, small: str) -> torch.Tensor:
     if small == "upscale":
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        return F.interpolate(img[None], (nh, nw), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        return F.interpolate(img[None], (nh, nw), mode="bicubic", align_corners=False)[0].clamp(
+            0, 1
+        )
     if small != "reflect":
         raise ValueError(f"small must be 'reflect' or 'upscale', got {small!r}")
     ph, pw = max(0, size - h), max(0, size - w)
@@ -127,7 +129,9 @@ class ImageFolderDataset(Dataset):
                 return read_image(path)
             except ImageReadError as err:
                 self.skipped.add(str(path))
-                log.warning("skipping unreadable image (%d skipped so far): %s", len(self.skipped), err)
+                log.warning(
+                    "skipping unreadable image (%d skipped so far): %s", len(self.skipped), err
+                )
         raise RuntimeError(f"no readable image in {self.root} ({len(self.skipped)} unreadable)")
 
     def _crop(self, img: torch.Tensor) -> torch.Tensor:
@@ -195,7 +199,9 @@ class PairedFolderDataset(Dataset):
                 len(unmatched), self.gt_root, self.lq_root, ", ".join(unmatched[:10]),
             )  # fmt: skip
         if not self.names:
-            raise ValueError(f"no GT/LQ pairs with matching names in {self.gt_root} and {self.lq_root}")
+            raise ValueError(
+                f"no GT/LQ pairs with matching names in {self.gt_root} and {self.lq_root}"
+            )
         self.gt, self.lq = gt, lq
         self.crop_size, self.scale = crop_size, scale
         self.skipped: set[str] = set()

@@ -161,8 +161,15 @@ def save_image(img: torch.Tensor, path: str | os.PathLike) -> None:
     import io
 
     path = Path(path)
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF",
-           ".tiff": "TIFF", ".webp": "WEBP"}.get(path.suffix.lower())
+    fmt = {
+        ".jpg": "JPEG",
+        ".jpeg": "JPEG",
+        ".png": "PNG",
+        ".bmp": "BMP",
+        ".tif": "TIFF",
+        ".tiff": "TIFF",
+        ".webp": "WEBP",
+    }.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"unsupported image suffix for {path}")
     buf = io.BytesIO()

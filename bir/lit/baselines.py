@@ -80,7 +80,9 @@ class ClassicalBaseline(pl.LightningModule):
                     if self.kind == "wiener":
                         r = restoration.wiener(ch, self.psf, self.balance, clip=False)
                     else:
-                        r = restoration.richardson_lucy(ch, self.psf, num_iter=self.num_iter, clip=False)
+                        r = restoration.richardson_lucy(
+                            ch, self.psf, num_iter=self.num_iter, clip=False
+                        )
                     chans.append(r[p:-p, p:-p])
                 res = np.stack(chans, -1)
             out.append(torch.from_numpy(np.ascontiguousarray(res.transpose(2, 0, 1))))
