@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	# BasicSR (reference for degradation tests only); --no-deps keeps opencv-python out
+	$(PY) -m pip install -q --no-deps new-basicsr==1.0.0
 	touch $(STAMP)
 
 # The main job on the embedded sample photographs: train a small SwinIR (stage 1) for a few

@@ -37,3 +37,8 @@ class Operator(nn.Module):
     def loss_mask(self) -> torch.Tensor | None:
         """Per-pixel weights of the data term ([B or 1, 1 or C, H', W']) or None (all ones)."""
         return None
+
+    def input_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        """Size of the clean image that maps to an observation of size ``out_hw`` (identity
+        unless the operator resamples, e.g. ``scale * out_hw`` for x``scale`` downsampling)."""
+        return out_hw
