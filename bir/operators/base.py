@@ -42,3 +42,23 @@ class Operator(nn.Module):
         """Size of the clean image that maps to an observation of size ``out_hw`` (identity
         unless the operator resamples, e.g. ``scale * out_hw`` for x``scale`` downsampling)."""
         return out_hw
+
+
+def additive_mask_for(
+    current: nn.Parameter | None,
+    x: torch.Tensor,
+    generators: list[torch.Generator] | None,
+    init_scale: float,
+) -> nn.Parameter:
+    """A learnable per-image additive mask ``[B, 1, H, W]`` for a batch like ``x`` (GDP / BIR-D's
+    ``M``): ``current`` when it already fits, else a new one drawn uniformly in [0, init_scale)
+    from each image's generator (zeros without generators), so it does not depend on the batch."""
+    b, _, h, w = x.shape
+    if current is not None and current.shape[0] == b and current.shape[-2:] == (h, w):
+        return current
+    if generators is not None and len(generators) == b:
+        draws = [torch.rand((1, h, w), generator=g, device=g.device) for g in generators]
+        start = torch.stack(draws).to(x.device)
+    else:
+        start = torch.zeros(b, 1, h, w, device=x.device)
+    return nn.Parameter(start * init_scale)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bir.operators.base import Operator
+from bir.operators.base import Operator, additive_mask_for
 
 #: torch ``F.pad`` modes by the names used in configs
 PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant"}
@@ -116,16 +116,7 @@ class KernelMaskOperator(Operator):
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor:
         """The mask ``[B, 1, H, W]`` for a batch like ``x``, allocated on first use."""
-        b, _, h, w = x.shape
-        if self.mask is None or self.mask.shape[0] != b or self.mask.shape[-2:] != (h, w):
-            if self._generators is not None and len(self._generators) == b:
-                draws = [
-                    torch.rand((1, h, w), generator=g, device=g.device) for g in self._generators
-                ]
-                start = torch.stack(draws).to(x.device)
-            else:
-                start = torch.zeros(b, 1, h, w, device=x.device)
-            self.mask = nn.Parameter(start * self.mask_init_scale)
+        self.mask = additive_mask_for(self.mask, x, self._generators, self.mask_init_scale)
         return self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
