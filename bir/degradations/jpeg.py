@@ -104,34 +104,86 @@ class DiffJPEG(nn.Module):
         r = torch.round(x)
         return r + (x - r) ** 3 if self.differentiable else r
 
-    def _compress_plane(self, plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """Quantise one plane [B, H, W] (H, W multiples of 8, values in [0, 255]) block-wise and decode it."""
-        b, h, w = plane.shape
-        # The 2-D DCT of every 8x8 block is a stride-8 convolution with the 64 DCT basis images
-        # (row-major vec(D X D^T) = (D kron D) vec(X)); the inverse is the transposed convolution.
-        basis = self.dct_2d.to(plane.dtype).view(64, 1, 8, 8)
-        coeffs = F.conv2d((plane - 128.0).unsqueeze(1), basis, stride=8)  # [B, 64, H/8, W/8]
-        q = table.to(plane.dtype).view(b, 64, 1, 1)
-        coeffs = self._round(coeffs / q) * q
-        return F.conv_transpose2d(coeffs, basis, stride=8).squeeze(1) + 128.0
+    def _codec_mcus(
+        self, mcus: torch.Tensor, luma: torch.Tensor, chroma: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode-decode whole MCUs: [N, 3, 16, 16] RGB in [0, 255] with one table pair per MCU.
+
+        Everything JPEG does is local to a 16x16 MCU here (4:2:0 averaging, 8x8 DCT, nearest
+        chroma upsampling), so MCUs of different images (and qualities) share one batch exactly.
+        luma, chroma: [N, 64] quantisation tables (row-major). Returns [N, 3, 16, 16], clamped.
+        """
+        n = mcus.shape[0]
+        dtype = mcus.dtype
+        basis = self.dct_2d.to(dtype)
+        ycc = torch.matmul(self.rgb_to_ycbcr.to(dtype), mcus.reshape(n, 3, 256))  # [N, 3, 256]
+        y = ycc[:, 0].reshape(n, 2, 8, 2, 8).transpose(2, 3).reshape(n * 4, 64)  # 4 luma blocks
+        cbcr = ycc[:, 1:].reshape(n * 2, 8, 2, 8, 2).mean(dim=(2, 4)).reshape(n * 2, 64)
+        blocks = torch.cat([y - 128.0, cbcr], dim=0)  # chroma: +128 offset and -128 shift cancel
+        tables = torch.cat(
+            [luma.to(dtype).repeat_interleave(4, 0), chroma.to(dtype).repeat_interleave(2, 0)]
+        )
+        # Row-major vec(D X D^T) = (D kron D) vec(X): the 2-D DCT of all blocks is one GEMM.
+        coeffs = self._round((blocks @ basis.T) / tables) * tables
+        blocks = coeffs @ basis
+        y = (blocks[: n * 4] + 128.0).reshape(n, 2, 2, 8, 8).transpose(2, 3).reshape(n, 1, 256)
+        cbcr = blocks[n * 4 :].reshape(n * 2, 8, 1, 8, 1).expand(n * 2, 8, 2, 8, 2)
+        ycc = torch.cat([y, cbcr.reshape(n, 2, 256)], dim=1)
+        rgb = torch.matmul(self.ycbcr_to_rgb.to(dtype), ycc)
+        return rgb.clamp(0, 255).reshape(n, 3, 16, 16)
+
+    @staticmethod
+    def _to_mcus(img: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] (H, W not necessarily multiples of 16) -> [B * nh * nw, 3, 16, 16] in
+        [0, 255], partial MCUs filled by edge replication as libjpeg does."""
+        b, _, h, w = img.shape
+        pad_h, pad_w = (-h) % 16, (-w) % 16
+        x = F.pad(img, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else img
+        nh, nw = x.shape[-2] // 16, x.shape[-1] // 16
+        x = (x * 255.0).reshape(b, 3, nh, 16, nw, 16).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b * nh * nw, 3, 16, 16)
+
+    @staticmethod
+    def _from_mcus(mcus: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+        nh, nw = -(-h // 16), -(-w // 16)
+        x = mcus.reshape(b, nh, nw, 3, 16, 16).permute(0, 3, 1, 4, 2, 5)
+        return (x.reshape(b, 3, nh * 16, nw * 16) / 255.0)[:, :, :h, :w]
 
     def forward(self, img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         b, c, h, w = img.shape
         if c != 3:
             raise ValueError(f"DiffJPEG expects RGB images [B, 3, H, W], got {tuple(img.shape)}")
         quality = torch.as_tensor(quality, device=img.device).reshape(-1).expand(b)
-        luma_table, chroma_table = quality_scaled_tables(quality)
-        pad_h, pad_w = (-h) % 16, (-w) % 16
-        x = F.pad(img, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else img
-        x = torch.einsum("ij,bjhw->bihw", self.rgb_to_ycbcr.to(x.dtype), x * 255.0)
-        y, cbcr = x[:, 0], x[:, 1:] + 128.0
-        cbcr = F.avg_pool2d(cbcr, kernel_size=2, stride=2)  # 4:2:0
-        y = self._compress_plane(y, luma_table)
-        hc, wc = cbcr.shape[-2:]
-        cbcr = self._compress_plane(
-            cbcr.reshape(b * 2, hc, wc), chroma_table.repeat_interleave(2, 0)
+        luma, chroma = (t.reshape(b, 64) for t in quality_scaled_tables(quality))
+        mcus = self._to_mcus(img)
+        per_image = mcus.shape[0] // b
+        out = self._codec_mcus(
+            mcus, luma.repeat_interleave(per_image, 0), chroma.repeat_interleave(per_image, 0)
         )
-        cbcr = cbcr.view(b, 2, hc, wc).repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
-        ycc = torch.cat([y.unsqueeze(1), cbcr - 128.0], dim=1)
-        rgb = torch.einsum("ij,bjhw->bihw", self.ycbcr_to_rgb.to(x.dtype), ycc)
-        return (rgb.clamp(0, 255) / 255.0)[:, :, :h, :w]
+        return self._from_mcus(out, b, h, w)
+
+    def compress_list(self, images: list[torch.Tensor], quality) -> list[torch.Tensor]:
+        """JPEG of images of different sizes ([1, 3, h_i, w_i] each) in one batched call.
+
+        Equal to calling the module on each image alone: all their MCUs go through one codec
+        call, so no work is spent on padding to a common size.
+        """
+        if not images:
+            return []
+        for x in images:
+            if x.ndim != 4 or x.shape[:2] != (1, 3):
+                raise ValueError(f"compress_list expects [1, 3, h, w] images, got {tuple(x.shape)}")
+        quality = torch.as_tensor(quality, device=images[0].device).reshape(-1)
+        quality = quality.expand(len(images))
+        luma, chroma = (t.reshape(-1, 64) for t in quality_scaled_tables(quality))
+        mcus = [self._to_mcus(x) for x in images]
+        counts = torch.tensor([m.shape[0] for m in mcus], device=luma.device)
+        out = self._codec_mcus(
+            torch.cat(mcus),
+            luma.repeat_interleave(counts, 0),
+            chroma.repeat_interleave(counts, 0),
+        )
+        return [
+            self._from_mcus(o, 1, int(x.shape[-2]), int(x.shape[-1]))
+            for o, x in zip(out.split(counts.tolist()), images)
+        ]

@@ -8,7 +8,8 @@ result does not depend on the batch it is in.
 
 Batching: kernels are built in one batched call and applied as one grouped convolution, JPEG is
 one batched call; images of different sizes (each sample has its own resize scale) are padded
-onto a common canvas for those calls (``filters.pad_to_canvas``, exact). Resizing and noise
+onto a common reflect-padded canvas for the convolution (exact) and split into
+16x16 MCUs for JPEG (``DiffJPEG.compress_list``, exact). Resizing and noise
 drawing run per sample.
 """
 
@@ -25,7 +26,6 @@ from bir.degradations.filters import (
     crop_from_canvas,
     filter2d,
     filter2d_valid,
-    pad_to_canvas,
     reflect_pad,
     usm_sharp,
 )
@@ -80,29 +80,58 @@ class IdentityDegradation(nn.Module):
         return DegradationResult(lq=quantize_8bit(gt), gt=gt, params=[{} for _ in generators])
 
 
+def _size_groups(sizes: list[tuple[int, int]], max_waste: float = 1.3) -> list[list[int]]:
+    """Split ragged images into groups whose common canvas wastes little compute.
+
+    Images sorted by area (largest first) join the current group while the group's canvas
+    (max h x max w x count) stays within ``max_waste`` times the sum of their areas.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][0] * sizes[i][1])
+    groups: list[list[int]] = []
+    hc = wc = area = 0
+    for i in order:
+        h, w = sizes[i]
+        if groups:
+            nh, nw = max(hc, h), max(wc, w)
+            if nh * nw * (len(groups[-1]) + 1) <= max_waste * (area + h * w):
+                groups[-1].append(i)
+                hc, wc, area = nh, nw, area + h * w
+                continue
+        groups.append([i])
+        hc, wc, area = h, w, h * w
+    return groups
+
+
 def _filter_ragged(images: list[torch.Tensor], kernels: torch.Tensor) -> list[torch.Tensor]:
-    """``filter2d`` on images of different sizes, one batched call on a reflect-padded canvas."""
+    """``filter2d`` on images of different sizes: a few grouped convolutions on reflect-padded
+    canvases (images of similar size share one), each exactly equal to filtering alone."""
     if len({tuple(x.shape) for x in images}) == 1:
         return list(filter2d(torch.cat(images), kernels).split(1))
-    # Pad every image once: the filter's reflect border plus the extension to the common canvas.
     pad = kernels.shape[-1] // 2
     sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
-    hc, wc = max(h for h, _ in sizes), max(w for _, w in sizes)
-    canvas = torch.cat(
-        [reflect_pad(x, pad, pad + wc - w, pad, pad + hc - h) for x, (h, w) in zip(images, sizes)]
-    )
-    return crop_from_canvas(filter2d_valid(canvas, kernels), sizes)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for group in _size_groups(sizes):
+        hc, wc = max(sizes[i][0] for i in group), max(sizes[i][1] for i in group)
+        # One pad per image: the filter's reflect border plus the extension to the canvas.
+        canvas = torch.cat(
+            [
+                reflect_pad(images[i], pad, pad + wc - sizes[i][1], pad, pad + hc - sizes[i][0])
+                for i in group
+            ]
+        )
+        filtered = crop_from_canvas(
+            filter2d_valid(canvas, kernels[group]), [sizes[i] for i in group]
+        )
+        for i, x in zip(group, filtered):
+            out[i] = x
+    return out
 
 
 def _jpeg_ragged(
     images: list[torch.Tensor], jpeg: DiffJPEG, quality: list[float]
 ) -> list[torch.Tensor]:
-    """JPEG on images of different sizes, one batched call; each padded to 16 as if alone."""
-    canvas, sizes = pad_to_canvas(
-        [x.clamp(0, 1) for x in images], multiple=16, replicate_multiple=16
-    )
-    q = torch.tensor(quality, dtype=canvas.dtype, device=canvas.device)
-    return crop_from_canvas(jpeg(canvas, q), sizes)
+    """JPEG on images of different sizes, one batched call over all their MCUs (exact)."""
+    return jpeg.compress_list([x.clamp(0, 1) for x in images], quality)
 
 
 def _draw_resize_scale(
