@@ -175,5 +175,6 @@ def main() -> None:
         f"(median of {args.repeats}; min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)"
     )
 
+
 if __name__ == "__main__":
     main()

@@ -19,7 +19,10 @@ class WeightDump(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         self.dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        torch.save({"step": trainer.global_step, "state": state}, self.dir / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {"step": trainer.global_step, "state": state},
+            self.dir / f"rank{trainer.global_rank}.pt",
+        )
 
 
 class KillAt(pl.Callback):

@@ -14,7 +14,9 @@ from bir.data.io import read_image, save_image
 BIN = Path(sys.executable).parent
 
 
-def run_cli(cmd: str, args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_cli(
+    cmd: str, args: list[str], cwd: Path, timeout: int = 240
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([str(BIN / cmd), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
@@ -35,7 +37,12 @@ def _inputs(root: Path, n: int) -> list[str]:
 def test_restore_baseline_writes_every_image_and_resumes(tmp_path):
     names = _inputs(tmp_path / "in", 3)
     out = tmp_path / "out"
-    args = ["method=baseline", f"input={tmp_path / 'in'}", f"output={out}", "callbacks.progress_bar=null"]
+    args = [
+        "method=baseline",
+        f"input={tmp_path / 'in'}",
+        f"output={out}",
+        "callbacks.progress_bar=null",
+    ]
     assert run_cli("bir-restore", args, tmp_path).returncode == 0
     for n in names:
         assert torch.equal(read_image(out / f"{n}.png"), read_image(tmp_path / "in" / f"{n}.png"))
@@ -56,11 +63,17 @@ def test_restore_bad_inputs_are_reported(tmp_path):
     _inputs(tmp_path / "in", 2)
     (tmp_path / "in" / "broken.png").write_bytes(b"garbage")
     out = tmp_path / "out"
-    proc = run_cli("bir-restore", ["method=baseline", f"input={tmp_path / 'in'}", f"output={out}"], tmp_path)
+    proc = run_cli(
+        "bir-restore", ["method=baseline", f"input={tmp_path / 'in'}", f"output={out}"], tmp_path
+    )
     assert proc.returncode == 0
     assert "broken.png" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.rglob("*.png")) == ["im0.png", "im1.png"]
-    proc = run_cli("bir-restore", ["method=baseline", f"input={tmp_path / 'nothing'}", f"output={out}"], tmp_path)
+    proc = run_cli(
+        "bir-restore",
+        ["method=baseline", f"input={tmp_path / 'nothing'}", f"output={out}"],
+        tmp_path,
+    )
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     proc = run_cli("bir-restore", ["method=baseline", "method.nonsense_key=1", f"input={tmp_path / 'in'}",
                                    f"output={out}"], tmp_path)  # fmt: skip

@@ -61,7 +61,9 @@ def test_train_ddp_cpu_two_ranks_agree(tmp_path):
 def test_train_killed_after_checkpoint_resumes_to_the_final_step(tmp_path):
     common = ["trainer.max_steps=8", "run_name=resume", "callbacks.model_checkpoint.every_n_train_steps=4",
               "callbacks.model_checkpoint.save_top_k=-1"]  # fmt: skip
-    killed = run_train([*common, "+callbacks.kill._target_=cli_helpers.KillAt", "+callbacks.kill.step=6"], tmp_path)
+    killed = run_train(
+        [*common, "+callbacks.kill._target_=cli_helpers.KillAt", "+callbacks.kill.step=6"], tmp_path
+    )
     assert killed.returncode == 17  # died mid-run, after the step-4 checkpoint
     ckpts = tmp_path / "outputs" / "quickstart" / "resume" / "checkpoints"
     assert _step(ckpts / "last.ckpt") == 4

@@ -12,7 +12,9 @@ def _job(root, k, scale, adaptive, psnr_values):
     (job / ".hydra" / "overrides.yaml").write_text(
         yaml.safe_dump([f"method.scale={scale}", f"method.adaptive_scale={adaptive}", "input=/x"])
     )
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"output": "${hydra:runtime.output_dir}/images"}))
+    (job / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump({"output": "${hydra:runtime.output_dir}/images"})
+    )
     (job / "images").mkdir()
     with (job / "images" / "metrics.csv").open("w") as f:
         w = csv.writer(f)
@@ -28,7 +30,9 @@ def test_report_table_and_plot(tmp_path):
     res = report(tmp_path, metrics=["psnr"])
     assert res["swept"] == ["method.scale", "method.adaptive_scale"]
     rows = {r["job"]: r for r in res["rows"]}
-    assert rows["0_job"]["psnr"] == pytest.approx(21.0) and rows["1_job"]["psnr"] == pytest.approx(25.0)
+    assert rows["0_job"]["psnr"] == pytest.approx(21.0) and rows["1_job"]["psnr"] == pytest.approx(
+        25.0
+    )
     assert "input" not in rows["0_job"]
     md = (tmp_path / "report.md").read_text()
     assert "| 1_job | 1000 | False |" in md.replace("false", "False")

@@ -154,7 +154,11 @@ class DiffusionSchedule:
         betas = make_betas(kind, T, beta_start, beta_end)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        ts = None if steps is None or int(str(steps).removeprefix("ddim")) == T else space_timesteps(T, steps)
+        ts = (
+            None
+            if steps is None or int(str(steps).removeprefix("ddim")) == T
+            else space_timesteps(T, steps)
+        )
         return cls(betas, ts)
 
     def t(self, i: Tensor) -> Tensor:
@@ -163,14 +167,16 @@ class DiffusionSchedule:
 
     # --- forward process and parameterisations ------------------------------------------------
     def q_sample(self, x0: Tensor, i: Tensor, noise: Tensor) -> Tensor:
-        return _extract(self.sqrt_alphas_cumprod, i, x0) * x0 + _extract(
-            self.sqrt_one_minus_alphas_cumprod, i, x0
-        ) * noise
+        return (
+            _extract(self.sqrt_alphas_cumprod, i, x0) * x0
+            + _extract(self.sqrt_one_minus_alphas_cumprod, i, x0) * noise
+        )
 
     def x0_from_eps(self, x_t: Tensor, i: Tensor, eps: Tensor) -> Tensor:
-        return _extract(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - _extract(
-            self.sqrt_recipm1_alphas_cumprod, i, x_t
-        ) * eps
+        return (
+            _extract(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t
+            - _extract(self.sqrt_recipm1_alphas_cumprod, i, x_t) * eps
+        )
 
     def eps_from_x0(self, x_t: Tensor, i: Tensor, x0: Tensor) -> Tensor:
         return (_extract(self.sqrt_recip_alphas_cumprod, i, x_t) * x_t - x0) / _extract(
@@ -179,26 +185,30 @@ class DiffusionSchedule:
 
     def x0_from_v(self, x_t: Tensor, i: Tensor, v: Tensor) -> Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022) -> x0."""
-        return _extract(self.sqrt_alphas_cumprod, i, x_t) * x_t - _extract(
-            self.sqrt_one_minus_alphas_cumprod, i, x_t
-        ) * v
+        return (
+            _extract(self.sqrt_alphas_cumprod, i, x_t) * x_t
+            - _extract(self.sqrt_one_minus_alphas_cumprod, i, x_t) * v
+        )
 
     def eps_from_v(self, x_t: Tensor, i: Tensor, v: Tensor) -> Tensor:
-        return _extract(self.sqrt_one_minus_alphas_cumprod, i, x_t) * x_t + _extract(
-            self.sqrt_alphas_cumprod, i, x_t
-        ) * v
+        return (
+            _extract(self.sqrt_one_minus_alphas_cumprod, i, x_t) * x_t
+            + _extract(self.sqrt_alphas_cumprod, i, x_t) * v
+        )
 
     def v_from_x0_eps(self, x0: Tensor, i: Tensor, eps: Tensor) -> Tensor:
-        return _extract(self.sqrt_alphas_cumprod, i, x0) * eps - _extract(
-            self.sqrt_one_minus_alphas_cumprod, i, x0
-        ) * x0
+        return (
+            _extract(self.sqrt_alphas_cumprod, i, x0) * eps
+            - _extract(self.sqrt_one_minus_alphas_cumprod, i, x0) * x0
+        )
 
     # --- reverse process -----------------------------------------------------------------------
     def posterior_mean(self, x0: Tensor, x_t: Tensor, i: Tensor) -> Tensor:
         """Mean of q(x_{t-1} | x_t, x_0) (DDPM eq. 7)."""
-        return _extract(self.posterior_mean_coef1, i, x_t) * x0 + _extract(
-            self.posterior_mean_coef2, i, x_t
-        ) * x_t
+        return (
+            _extract(self.posterior_mean_coef1, i, x_t) * x0
+            + _extract(self.posterior_mean_coef2, i, x_t) * x_t
+        )
 
     def posterior_log_variance(self, i: Tensor, like: Tensor) -> Tensor:
         """Clipped log of the posterior variance ("fixed small"), broadcast like ``like``."""

@@ -157,7 +157,11 @@ def select_prefix(
 
 
 def load_state_dict_checked(
-    module: nn.Module, state: Mapping[str, torch.Tensor], *, name: str = "model", strict: bool = True
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    name: str = "model",
+    strict: bool = True,
 ) -> tuple[list[str], list[str]]:
     """``module.load_state_dict`` with a readable error listing every mismatching key.
 

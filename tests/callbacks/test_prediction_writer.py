@@ -44,9 +44,13 @@ def _inputs(tmp_path, n=3):
 
 def _run(tmp_path, module, writer):
     ds = RestoreFolderDataset(tmp_path / "in", gt=tmp_path / "gt", exclude=writer.done_names())
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False
+    )
     if len(ds):
-        trainer.predict(module, DataLoader(ds, batch_size=2, collate_fn=collate), return_predictions=False)
+        trainer.predict(
+            module, DataLoader(ds, batch_size=2, collate_fn=collate), return_predictions=False
+        )
     return ds
 
 

@@ -85,13 +85,18 @@ def test_collate_rejects_mixed_sizes():
     with pytest.raises(ValueError, match="different sizes"):
         collate([{"lq": torch.zeros(3, 4, 4)}, {"lq": torch.zeros(3, 5, 4)}])
     b = collate([{"gt": torch.zeros(3, 2, 2), "name": "a", "index": 3}] * 2)
-    assert b["gt"].shape == (2, 3, 2, 2) and b["index"].tolist() == [3, 3] and b["name"] == ["a"] * 2
+    assert (
+        b["gt"].shape == (2, 3, 2, 2) and b["index"].tolist() == [3, 3] and b["name"] == ["a"] * 2
+    )
 
 
 def test_sample_photos_and_datamodule(sample_dir):
     train = SamplePhotos(sample_dir, "train", crop_size=32, flip=True, repeat=2)
     hold = SamplePhotos(sample_dir, "holdout", crop_size=32, crop="center")
-    assert len(train) == 26 and {hold[i]["name"] for i in range(len(hold))} == {"astronaut", "coffee"}
+    assert len(train) == 26 and {hold[i]["name"] for i in range(len(hold))} == {
+        "astronaut",
+        "coffee",
+    }
     dm = RestorationDataModule(train=train, val=hold, batch_size=4, val_batch_size=2)
     batch = next(iter(dm.train_dataloader()))
     assert batch["gt"].shape == (4, 3, 32, 32) and batch["index"].dtype == torch.long

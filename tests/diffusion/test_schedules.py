@@ -16,7 +16,9 @@ def test_betas_closed_forms():
     assert lin[0] == pytest.approx(1e-4) and lin[-1] == pytest.approx(0.02)
     sl = make_betas("scaled_linear", 1000, 0.00085, 0.012)
     assert sl[0] == pytest.approx(0.00085) and sl[-1] == pytest.approx(0.012)
-    assert sl[500] == pytest.approx((math.sqrt(0.00085) + 500 / 999 * (math.sqrt(0.012) - math.sqrt(0.00085))) ** 2)
+    assert sl[500] == pytest.approx(
+        (math.sqrt(0.00085) + 500 / 999 * (math.sqrt(0.012) - math.sqrt(0.00085))) ** 2
+    )
     cos = make_betas("cosine", 1000)
     abar = torch.cumprod(1 - cos, 0)
     f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
@@ -47,7 +49,10 @@ def test_respacing_keeps_marginals_and_posterior():
     a_t, a_s = full.alphas_cumprod[500], full.alphas_cumprod[250]
     var = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
     assert sub.posterior_variance[2] == pytest.approx(var.item())
-    x0, xt = torch.randn(1, 1, 2, 2, dtype=torch.float64), torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    x0, xt = (
+        torch.randn(1, 1, 2, 2, dtype=torch.float64),
+        torch.randn(1, 1, 2, 2, dtype=torch.float64),
+    )
     mean = (a_s.sqrt() * (1 - a_t / a_s) * x0 + (a_t / a_s).sqrt() * (1 - a_s) * xt) / (1 - a_t)
     assert torch.allclose(sub.posterior_mean(x0, xt, torch.tensor([2])), mean)
     assert sub.t(torch.tensor([3])).item() == 999
