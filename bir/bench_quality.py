@@ -155,10 +155,13 @@ def run_method(label: str, method: str, overrides: list[str], prior, task: Task,
     return out["restored"].detach()
 
 
+BIRD_QUICK = ["method.iterations=100", "method.delta_t=200", "method.lr=0.03"]
 METHODS = {
     # label: (method config, overrides, overrides for --quick)
-    "BIRD (net no-grad)": ("bird", ["method.network_grad=false"], ["method.iterations=40"]),
-    "BIRD (full backprop)": ("bird", ["method.network_grad=true"], ["method.iterations=40"]),
+    # --quick BIRD: 5 DDIM steps (delta_t 200) and 100 iterations; at the preset's lr 0.003 the
+    # latent barely moves in 100 iterations (deblur 15.1 dB vs 17.6 dB at lr 0.03, same budget).
+    "BIRD (net no-grad)": ("bird", ["method.network_grad=false"], BIRD_QUICK),
+    "BIRD (full backprop)": ("bird", ["method.network_grad=true"], BIRD_QUICK),
     "BIR-D": ("bir_d", [], ["method.steps=100"]),
     "GDP": ("gdp", [], ["method.steps=100"]),
 }

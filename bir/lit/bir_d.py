@@ -157,7 +157,7 @@ class BIRD_D(pl.LightningModule):
         guidance_grad: str = "x0",
         scale_formula: str = "paper",
         scale_min: float = 0.0,
-        scale_max: float = 1e6,
+        scale_max: float = 2e4,
         loss: str = "mse",
         noisy_observation: bool = False,
         patch_stride: int | None = None,

@@ -37,6 +37,7 @@ from bir.diffusion.schedules import (
     rescale_zero_terminal_snr,
     space_timesteps,
 )
+from bir.lit.hparams import save_plain_hyperparameters
 from bir.lit.stage2 import load_stage1
 from bir.nets.controlldm import ControlLDM
 from bir.random import randn, sample_generators
@@ -112,7 +113,7 @@ class DiffBIR(pl.LightningModule):
             raise ValueError(f"prediction must be eps or v, got {prediction!r}")
         if color_fix not in ("wavelet", "adain", "none"):
             raise ValueError(f"color_fix must be wavelet, adain or none, got {color_fix!r}")
-        self.save_hyperparameters(ignore=["controlldm", "stage1"])
+        save_plain_hyperparameters(self, ignore=["controlldm", "stage1"])
         self.controlldm = controlldm.eval()
         self.controlldm.requires_grad_(False)
         self.stage1 = load_stage1(stage1, stage1_ckpt_path, "method.stage1_ckpt_path")

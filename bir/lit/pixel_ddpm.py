@@ -21,6 +21,7 @@ from torch import nn
 from bir.diffusion.parameterization import DiffusionModel, convert_output
 from bir.diffusion.samplers import sample_ddpm
 from bir.diffusion.schedules import DiffusionSchedule, space_timesteps
+from bir.lit.hparams import save_plain_hyperparameters
 from bir.random import rand, randn, sample_generators
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class PixelDDPM(pl.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer"])
+        save_plain_hyperparameters(self, ignore=["net", "optimizer"])
         self.net = net
         self.ema_net = copy.deepcopy(net).requires_grad_(False).eval()
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))

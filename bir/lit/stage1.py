@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from bir.lit.hparams import save_plain_hyperparameters
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.random import sample_generators
 from bir.tiling import tiled_apply
@@ -106,7 +107,7 @@ class Stage1Restoration(pl.LightningModule):
         super().__init__()
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
-        self.save_hyperparameters(ignore=["net", "degradation", "optimizer", "scheduler"])
+        save_plain_hyperparameters(self, ignore=["net", "degradation", "optimizer", "scheduler"])
         self.net = net
         self.degradation = degradation
         self.optimizer_factory = optimizer

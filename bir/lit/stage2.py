@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bir.diffusion.schedules import DiffusionSchedule
+from bir.lit.hparams import save_plain_hyperparameters
 from bir.lit.stage1 import STEP_STRIDE, comparison_grid
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.nets.controlldm import ControlLDM
@@ -93,7 +94,9 @@ class Stage2ControlLDM(pl.LightningModule):
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be eps or v, got {prediction!r}")
-        self.save_hyperparameters(ignore=["controlldm", "stage1", "degradation", "optimizer"])
+        save_plain_hyperparameters(
+            self, ignore=["controlldm", "stage1", "degradation", "optimizer"]
+        )
         self.model = controlldm
         self.stage1 = load_stage1(stage1, stage1_ckpt_path, "model.stage1_ckpt_path")
         self.degradation = degradation

@@ -208,8 +208,12 @@ def test_batch_of_two_equals_two_runs_of_one(prior):
     full = dict(
         adaptive_scale=True, dynamic_kernel=True, guidance_scale=200.0, scale_max=2000.0, seed=1
     )
-    # adaptive s alone, unbounded: the per-image scale trajectories must match
-    scale_only = dict(adaptive_scale=True, dynamic_kernel=False, guidance_scale=200.0, seed=1)
+    # adaptive s alone, effectively unbounded (1e6): the per-image scale trajectories must match;
+    # below that bound the chaotic s (it alternates between the bound and ~3e3) amplifies
+    # float rounding of the batched convolution to ~3e-3 in the image
+    scale_only = dict(
+        adaptive_scale=True, dynamic_kernel=False, guidance_scale=200.0, scale_max=1e6, seed=1
+    )
     for kw in (full, scale_only):
         both = method(prior, **kw).predict_step(batch(y, [10, 11]))
         for j, idx in enumerate([10, 11]):

@@ -9,6 +9,7 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -205,7 +206,7 @@ def test_fit_logs_samples_and_checkpoint_loads_into_pixel_prior(tmp_path, learn_
     out = 6 if learn_sigma else 3
     module = PixelDDPM(
         tiny_net(out),
-        SCHEDULE,
+        OmegaConf.create(SCHEDULE),  # as Hydra passes it
         learn_sigma=learn_sigma,
         optimizer=partial(torch.optim.Adam, lr=1e-3),
         sample_every_n_steps=2,
@@ -242,6 +243,8 @@ def test_fit_logs_samples_and_checkpoint_loads_into_pixel_prior(tmp_path, learn_
 
     ckpt = tmp_path / "prior.ckpt"
     trainer.save_checkpoint(ckpt)
+    # plain hyperparameters: the checkpoint resumes under torch.load(weights_only=True)
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["schedule"] == SCHEDULE
     prior = PixelPrior(tiny_net(out), str(ckpt), SCHEDULE, learned_sigma=learn_sigma, image_size=16)
     for (name, p), e in zip(prior.net.state_dict().items(), module.ema_net.state_dict().values()):
         torch.testing.assert_close(p, e, msg=name)
