@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from bir.nets.checkpoints import common_prefixes, load_checkpoint, select_prefix, strip_prefix
+from bir.nets.checkpoints import (
+    common_prefixes,
+    compare_state_dict,
+    load_checkpoint,
+    select_prefix,
+    strip_prefix,
+)
 
 # Prefixes under which released checkpoints nest the networks bir builds.
 KNOWN_PREFIXES = (
@@ -59,18 +65,6 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     return "unknown layout"
 
 
-def compare(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
-    own = module.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    return missing, unexpected, mismatched
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = select_prefix(state, KNOWN_PREFIXES, own_keys)
     else:
         sub = strip_prefix(state, args.prefix)
-    missing, unexpected, mismatched = compare(module, sub)
+    missing, unexpected, mismatched = compare_state_dict(module, sub)
     n_params = sum(p.numel() for p in module.parameters())
     print(f"net {Path(args.net).name}: {type(module).__name__}, {n_params:,} parameters")
     for title, keys in (

@@ -156,6 +156,21 @@ def select_prefix(
     return best
 
 
+def compare_state_dict(
+    module: nn.Module, state: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape-mismatched) keys of ``state`` against ``module``, sorted."""
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    return missing, unexpected, mismatched
+
+
 def load_state_dict_checked(
     module: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -168,14 +183,7 @@ def load_state_dict_checked(
     Returns (missing, unexpected) when ``strict`` is False; raises
     :class:`CheckpointMismatchError` on any mismatch when it is True (shape mismatches always).
     """
-    own = module.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
+    missing, unexpected, mismatched = compare_state_dict(module, state)
     if mismatched or (strict and (missing or unexpected)):
         raise CheckpointMismatchError(name, missing, unexpected, mismatched)
     module.load_state_dict(dict(state), strict=False)

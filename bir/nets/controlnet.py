@@ -90,25 +90,7 @@ class ControlNet(nn.Module):
             raise ValueError("set num_heads or num_head_channels")
         self.in_channels, self.hint_channels = in_channels, hint_channels
         self.model_channels = model_channels
-        self.spec = EncoderSpec(
-            model_channels=model_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions),
-            channel_mult=tuple(channel_mult),
-            dropout=dropout,
-            conv_resample=conv_resample,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-            use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth,
-            context_dim=context_dim,
-            use_linear_in_transformer=use_linear_in_transformer,
-            legacy=legacy,
-        )
+        self.spec = EncoderSpec.from_arguments(locals())
         ted = self.spec.time_embed_dim
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -316,6 +316,14 @@ class EncoderSpec:
     use_linear_in_transformer: bool = False
     legacy: bool = True
 
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> EncoderSpec:
+        """The spec's fields picked by name from a constructor's arguments (e.g. ``locals()``)."""
+        values = {f.name: arguments[f.name] for f in fields(cls) if f.name in arguments}
+        for key in ("attention_resolutions", "channel_mult"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
@@ -469,25 +477,7 @@ class UNetModel(nn.Module):
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
-        self.spec = EncoderSpec(
-            model_channels=model_channels,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions),
-            channel_mult=tuple(channel_mult),
-            dropout=dropout,
-            conv_resample=conv_resample,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-            use_spatial_transformer=use_spatial_transformer,
-            transformer_depth=transformer_depth,
-            context_dim=context_dim,
-            use_linear_in_transformer=use_linear_in_transformer,
-            legacy=legacy,
-        )
+        self.spec = EncoderSpec.from_arguments(locals())
         spec = self.spec
         ted = spec.time_embed_dim
         self.time_embed = nn.Sequential(
