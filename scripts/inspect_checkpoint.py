@@ -2,11 +2,15 @@
 
 Usage:
     python scripts/inspect_checkpoint.py PATH [--net conf/net/unet_sd21.yaml] [--prefix auto]
-        [--depth 2] [--show 20]
+        [--depth 2] [--show 20] [--trust-pickle]
 
 Prints the detected format (ldm full / Lightning / bare / ...), key counts per leading prefix,
 the first keys with shapes and, with ``--net``, a strict comparison against the network built on
 the meta device (no memory): missing, unexpected and shape-mismatched keys.
+
+The file is read without running code from it (``torch.load(weights_only=True)``); one that
+holds other pickled objects is refused with the name of the object, unless ``--trust-pickle``
+says that this file may be unpickled in full.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from bir.nets.checkpoints import (
     load_checkpoint,
     select_prefix,
     strip_prefix,
+    trust_pickle_files,
 )
 
 # Prefixes under which released checkpoints nest the networks bir builds.
@@ -76,9 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--depth", type=int, default=2, help="name components per prefix group")
     parser.add_argument("--show", type=int, default=20, help="how many keys to list")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle PATH in full (it can run code: only for files you trust)",
+    )
     args = parser.parse_args(argv)
 
-    state = load_checkpoint(args.path, what="checkpoint")
+    if args.trust_pickle:
+        trust_pickle_files([args.path])
+    try:
+        state = load_checkpoint(args.path, what="checkpoint")
+    except (OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     total = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
     print(f"file: {args.path}")
     print(f"format: {detect_format(state)}")

@@ -56,7 +56,8 @@ class PixelPrior(nn.Module):
                 ckpt_path, what=checkpoint_what, url=checkpoint_url, config_key=checkpoint_key
             )
             state = select_prefix(state, PRIOR_PREFIXES, net.state_dict().keys())
-            load_state_dict_checked(net, state, name=f"{checkpoint_what} ({ckpt_path})")
+            name = f"{checkpoint_what} ({ckpt_path})"
+            load_state_dict_checked(net, state, name=name, source=ckpt_path, net_key="prior.net")
         self.net.eval()
         self.net.requires_grad_(False)
 

@@ -124,16 +124,20 @@ class Stage1Restoration(pl.LightningModule):
         tile_overlap: int = 256,
         tile_weight: str = "gaussian",
         config_key: str | None = "ckpt",
+        net_key: str | None = "method.net",
     ) -> Stage1Restoration:
         """A predict-only module with ``net`` loaded strictly from ``ckpt_path``.
 
         The checkpoint may be one of ours (Lightning, network under ``net.``; with the EMA
         callback its ``state_dict`` already holds the averaged weights) or DiffBIR's released
-        bare SwinIR state dict.
+        bare SwinIR state dict. ``net_key`` is the config node that builds ``net`` (named in the
+        error, with the overrides that fit, when the checkpoint holds another network).
         """
         state = load_checkpoint(ckpt_path, what="stage-1 restoration", config_key=config_key)
         state = select_prefix(state, PREDICT_CHECKPOINT_PREFIXES, net.state_dict().keys())
-        load_state_dict_checked(net, state, name=type(net).__name__, strict=True)
+        load_state_dict_checked(
+            net, state, name=type(net).__name__, source=ckpt_path, net_key=net_key
+        )
         module = cls(net, tile_size=tile_size, tile_overlap=tile_overlap, tile_weight=tile_weight)
         return module.eval()
 

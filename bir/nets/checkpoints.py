@@ -11,6 +11,9 @@ error that lists what is missing, unexpected and of the wrong shape.
 from __future__ import annotations
 
 import os
+import pickle
+import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -26,52 +29,184 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 class CheckpointMismatchError(RuntimeError):
-    """A state dict does not fit a module; the message lists the offending keys."""
+    """A state dict does not fit a module; the message shows the first offending keys, one a
+    line, and (``hint``) which network the checkpoint was trained with and how to build it."""
 
-    def __init__(self, name: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
+    shown = 5  # keys listed per kind; the full lists are on the exception
+
+    def __init__(
+        self,
+        name: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[str],
+        hint: str = "",
+    ):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"checkpoint does not match {name}:"]
+        kinds = {"missing keys": missing, "unexpected keys": unexpected}
+        kinds["shape mismatches"] = mismatched
+        for title, keys in kinds.items():
+            if keys:
+                lines.append(f"  {title} ({len(keys)}):")
+                lines += [f"    {k}" for k in keys[: self.shown]]
+            if len(keys) > self.shown:
+                lines.append(f"    ... and {len(keys) - self.shown} more")
+        super().__init__("\n".join(lines) + (f"\n{hint}" if hint else ""))
 
-        def fmt(title: str, keys: list[str]) -> str:
-            if not keys:
-                return ""
-            shown = "\n    ".join(keys[:20])
-            more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
-            return f"\n  {title} ({len(keys)}):\n    {shown}{more}"
 
-        super().__init__(
-            f"checkpoint does not match {name}:"
-            + fmt("missing keys", missing)
-            + fmt("unexpected keys", unexpected)
-            + fmt("shape mismatches", mismatched)
-        )
+#: where bir's training runs store the network's config in their checkpoints
+NET_CONFIG_KEY = "bir_net"
+
+
+def stored_net_config(path: str | os.PathLike) -> dict | None:
+    """The network config a bir training run stored in its checkpoint (``{"choice": group file,
+    "config": resolved node, "overrides": fields that differ from the group file}``), or None."""
+    try:
+        obj = _read_file(Path(path))
+    except Exception:
+        return None
+    found = obj.get(NET_CONFIG_KEY) if isinstance(obj, Mapping) else None
+    return found if isinstance(found, Mapping) else None
+
+
+def net_mismatch_hint(path: str | os.PathLike, module: nn.Module, net_key: str | None) -> str:
+    """Lines for a mismatch error: the net the checkpoint was trained with (its stored config),
+    the net this run builds, and the overrides that build the checkpoint's net instead."""
+    n_params = sum(p.numel() for p in module.parameters())
+    built = f"  this run builds net {type(module).__name__} ({n_params:,} parameters)"
+    stored = stored_net_config(path)
+    if stored is None:
+        if net_key:
+            built += f"\n  choose the network the checkpoint was made for ({net_key}=...)"
+        return built
+    config = dict(stored.get("config") or {})
+    target = config.pop("_target_", "?")
+    args = " ".join(f"{k}={v}" for k, v in config.items())
+    lines = [f"  the checkpoint was trained with net {target} {args} (its stored config)", built]
+    if net_key:
+        group, _, field = net_key.rpartition(".")
+        fix = [f"net@{net_key}={stored['choice']}"] if stored.get("choice") else []
+        overrides = stored.get("overrides") if stored.get("choice") else config
+        fix += [f"{net_key}.{k}={_override_value(v)}" for k, v in (overrides or {}).items()]
+        lines.append("  fix: add these overrides: " + " ".join(fix))
+    return "\n".join(lines)
+
+
+def _override_value(value) -> str:
+    """A value as Hydra's override grammar reads it (lists without spaces)."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    return str(value)
 
 
 def missing_checkpoint_error(
-    path: str | os.PathLike, what: str, url: str | None = None, config_key: str | None = None
+    path: str | os.PathLike | None, what: str, url: str | None = None, config_key: str | None = None
 ) -> MissingCheckpointError:
-    """Build the error for a weights file that is not on disk."""
-    msg = f"{what} weights not found at {path}."
+    """The error for a weights file that is not set (``path`` None) or not on disk.
+
+    It names the file, where it is published and the config key to set, worded for each case:
+    ``model weights not found at nope.ckpt (no such file). Set ckpt=/path/to/nope.ckpt ...``.
+    """
+    key = config_key or "the checkpoint path"
+    if path is None:
+        msg = f"{what} weights are not set: give the file with {key}=/path/to/weights.ckpt."
+    else:
+        name = Path(path).name
+        msg = (
+            f"{what} weights not found at {path} (no such file). "
+            f"Set {key}=/path/to/{name} where the file really is"
+            + (", or put it at the path above." if config_key else ".")
+        )
     if url:
-        msg += f" Download them from {url}"
-        msg += f" and place the file at {path}" if config_key is None else ""
-    if config_key:
-        msg += f" {'and' if url else 'Then'} set {config_key}=/path/to/{Path(path).name}"
-        msg += " (or put the file at the path above)."
+        msg += f" The file is published at {url}."
     msg += " bir never downloads weights at run time."
     return MissingCheckpointError(msg)
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A weights file holds a pickled object that could run code when loaded; it was not loaded."""
+
+
+class _Inert:
+    """Stand-in for a class that released training checkpoints pickle beside their weights
+    (Lightning's ``ModelCheckpoint`` used as a dict key, ...). Unpickling it runs none of the
+    file's code and keeps nothing: bir reads only the tensors."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+#: Globals that released checkpoints need, mapped to what bir unpickles them as. Everything else
+#: is refused by ``torch.load(weights_only=True)``; :func:`trust_pickle_files` is the opt-in.
+_STAND_INS = [
+    (_Inert, f"{pkg}.callbacks.{mod}.{cls}")
+    for pkg in ("pytorch_lightning", "lightning.pytorch")
+    for mod, cls in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"))
+] + [
+    # a dict subclass (hyper-parameters): read as the plain mapping it holds
+    (OrderedDict, f"{pkg}.utilities.parsing.AttributeDict")
+    for pkg in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
+]
+
+#: Files the user allowed, for this run only, to be unpickled in full (``trust_pickle=[...]``).
+_TRUSTED: set[Path] = set()
+
+
+def trust_pickle_files(paths: Iterable[str | os.PathLike] | str | None) -> None:
+    """Allow these files (and only these) to be loaded with the full, code-running unpickler.
+
+    The entry points call this with the run's ``trust_pickle`` list; nothing else adds to it.
+    """
+    if paths is None:
+        return
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    _TRUSTED.update(Path(os.path.expanduser(str(p))).resolve() for p in paths)
+
+
+def _numpy_globals() -> list:
+    """numpy scalars and dtypes, which Lightning and numpy-based trainers store as metadata."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        return []
+    scalar = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [scalar, np.dtype, *dtypes]
+
+
+def _refused_global(err: Exception) -> str | None:
+    """The name of the global that ``torch.load(weights_only=True)`` refused, if that was why."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return match.group(1) if match else None
+
+
 def _read_file(path: Path) -> object:
+    """Read a weights file without running code from it (safetensors, or ``weights_only``)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Older Lightning/ldm checkpoints pickle extra objects (hyper-parameters, callbacks).
-        # Only ever used on files the user configured explicitly.
+    if path.resolve() in _TRUSTED:
         return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals([*_STAND_INS, *_numpy_globals()]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        name = _refused_global(err)
+        if name is None:
+            raise
+        raise UnsafeCheckpointError(
+            f"{path} was not loaded: it holds a pickled object ({name}) that could run code when "
+            "loaded, and bir reads weights files without running code. If you made this file or "
+            f"trust who did, allow it for this run with trust_pickle=[{path}]"
+        ) from None
 
 
 def unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
@@ -107,14 +242,19 @@ def load_checkpoint(
         config_key: the config key that sets the path, for the error message.
     """
     if path is None or str(path) in ("", "None", "null"):
-        raise missing_checkpoint_error("<unset>", what, url, config_key)
+        raise missing_checkpoint_error(None, what, url, config_key)
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
         raise missing_checkpoint_error(path, what, url, config_key)
     try:
         obj = _read_file(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
-        raise RuntimeError(f"{what} checkpoint {path} could not be read: {err}") from err
+        raise RuntimeError(
+            f"{what} checkpoint {path} could not be read as a weights file "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from None
     try:
         return unwrap_state_dict(obj)
     except ValueError as err:
@@ -177,14 +317,20 @@ def load_state_dict_checked(
     *,
     name: str = "model",
     strict: bool = True,
+    source: str | os.PathLike | None = None,
+    net_key: str | None = None,
 ) -> tuple[list[str], list[str]]:
-    """``module.load_state_dict`` with a readable error listing every mismatching key.
+    """``module.load_state_dict`` with a readable error listing the mismatching keys.
 
     Returns (missing, unexpected) when ``strict`` is False; raises
     :class:`CheckpointMismatchError` on any mismatch when it is True (shape mismatches always).
+    With ``source`` (the file ``state`` came from) the error says which network the file was
+    trained with and, with ``net_key`` (the config node that builds ``module``, e.g.
+    ``method.net``), which overrides build that network.
     """
     missing, unexpected, mismatched = compare_state_dict(module, state)
     if mismatched or (strict and (missing or unexpected)):
-        raise CheckpointMismatchError(name, missing, unexpected, mismatched)
+        hint = net_mismatch_hint(source, module, net_key) if source is not None else ""
+        raise CheckpointMismatchError(name, missing, unexpected, mismatched, hint)
     module.load_state_dict(dict(state), strict=False)
     return missing, unexpected

@@ -64,14 +64,14 @@ class Mlp(nn.Module):
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """[B, H, W, C] -> [B * nW, window_size, window_size, C] (windows in row-major order per image)."""
     b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    x = x.reshape(b, h // window_size, window_size, w // window_size, window_size, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, h: int, w: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: [B * nW, ws, ws, C] -> [B, H, W, C]."""
     b = windows.shape[0] // ((h // window_size) * (w // window_size))
-    x = windows.view(b, h // window_size, w // window_size, window_size, window_size, -1)
+    x = windows.reshape(b, h // window_size, w // window_size, window_size, window_size, -1)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
 
 
@@ -102,7 +102,7 @@ def shifted_window_mask(h: int, w: int, window_size: int, shift_size: int) -> to
         for ws in bands:
             region[:, hs, ws, :] = label
             label += 1
-    windows = window_partition(region, window_size).view(-1, window_size * window_size)
+    windows = window_partition(region, window_size).reshape(-1, window_size * window_size)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, MASK_VALUE, 0.0)
 
@@ -229,10 +229,10 @@ class SwinTransformerBlock(nn.Module):
         x = self.norm1(x).view(b, h, w, c)
         if self.shift_size > 0:  # cyclic shift (Swin Sec. 3.2)
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        windows = window_partition(x, self.window_size).view(-1, self.window_size**2, c)
+        windows = window_partition(x, self.window_size).reshape(-1, self.window_size**2, c)
         windows = self.attn(windows, mask=self.mask_for(x_size, x.device))
         x = window_reverse(
-            windows.view(-1, self.window_size, self.window_size, c), self.window_size, h, w
+            windows.reshape(-1, self.window_size, self.window_size, c), self.window_size, h, w
         )
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))

@@ -1,10 +1,14 @@
+import os
+
 import pytest
 import torch
 from torch import nn
 
+from bir.nets import checkpoints
 from bir.nets.checkpoints import (
     CheckpointMismatchError,
     MissingCheckpointError,
+    UnsafeCheckpointError,
     load_checkpoint,
     load_state_dict_checked,
     select_prefix,
@@ -76,3 +80,130 @@ def test_non_strict_reports_but_loads():
     missing, unexpected = load_state_dict_checked(net, sd, strict=False)
     assert missing == ["0.bias"] and unexpected == []
     assert torch.all(net[0].weight == 1)
+
+
+# ------------------------------------------------------------------ no code runs from a file
+class _RunsCode:
+    """Unpickling this calls ``os.mkdir(path)``: what a malicious checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_pickled_code_is_refused_and_named(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": _net().state_dict(), "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_checkpoint(path)
+    assert not marker.exists(), "loading a weights file ran code from it"
+    msg = str(err.value)
+    assert f"({os.mkdir.__module__}.mkdir)" in msg  # the refused global is named
+    assert f"trust_pickle=[{path}]" in msg  # and the per-file opt-in
+
+
+def test_trusted_file_loads_in_full(tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "mine.ckpt"
+    sd = _net().state_dict()
+    torch.save({"state_dict": sd, "payload": _RunsCode(marker)}, path)
+    monkeypatch.setattr(checkpoints, "_TRUSTED", set())
+    checkpoints.trust_pickle_files([str(tmp_path / "other.ckpt")])  # another file: still refused
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(path)
+    checkpoints.trust_pickle_files([str(path)])
+    state = load_checkpoint(path)
+    assert marker.exists() and set(state) == set(sd)
+
+
+def test_text_and_corrupt_files_never_reach_the_unpickler(tmp_path, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    (tmp_path / "text.ckpt").write_text("not a checkpoint\n")
+    good = tmp_path / "good.ckpt"
+    torch.save(_net().state_dict(), good)
+    (tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:200])
+    for name in ("text.ckpt", "cut.ckpt"):
+        with pytest.raises(RuntimeError, match="could not be read as a weights file"):
+            load_checkpoint(tmp_path / name)
+    assert calls and all(c is True for c in calls)
+
+
+def test_released_training_checkpoint_metadata_loads(tmp_path):
+    """Lightning 1.x checkpoints (DiffBIR v1's full files) key callback states by the class and
+    keep hyper-parameters in an AttributeDict; numpy scalars appear as metadata."""
+    import numpy as np
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+    from pytorch_lightning.utilities.parsing import AttributeDict
+
+    sd = _net().state_dict()
+    path = tmp_path / "general_full_v1.ckpt"
+    obj = {
+        "state_dict": sd,
+        "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(1.5)}},
+        "hyper_parameters": AttributeDict(lr=1e-4),
+        "global_step": np.int64(3),
+    }
+    torch.save(obj, path)
+    state = load_checkpoint(path)
+    assert set(state) == set(sd) and all(torch.equal(state[k], sd[k]) for k in sd)
+
+
+def test_missing_and_unset_are_worded_for_each_case(tmp_path):
+    with pytest.raises(MissingCheckpointError) as err:
+        load_checkpoint(None, what="stage-1 restoration", config_key="ckpt")
+    msg = str(err.value)
+    assert "not set" in msg and "ckpt=/path/to/" in msg and "<unset>" not in msg
+    with pytest.raises(MissingCheckpointError) as err:
+        load_checkpoint(tmp_path / "nope.ckpt", what="stage-1 restoration", config_key="ckpt")
+    msg = str(err.value)
+    assert f"not found at {tmp_path / 'nope.ckpt'} (no such file)" in msg
+    assert "Set ckpt=/path/to/nope.ckpt" in msg and "Then" not in msg
+
+
+def test_wrong_architecture_names_both_nets_and_the_fix(tmp_path):
+    """A quickstart-like checkpoint (tiny SwinIR with overridden fields) restored with the
+    default net: the error names the stored net, shows keys one a line and the overrides."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from bir.callbacks.net_config import StoreNetConfig, net_config_record
+    from bir.cli import CONFIG_DIR
+    from bir.lit.stage1 import Stage1Restoration
+
+    trained = OmegaConf.load(f"{CONFIG_DIR}/net/swinir_tiny.yaml")
+    trained.embed_dim, trained.num_feat = 8, 8  # as an experiment overriding fields
+    net = instantiate(trained)
+    ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}
+    StoreNetConfig(net_config_record(trained, "swinir_tiny", CONFIG_DIR)).on_save_checkpoint(
+        None, None, ckpt
+    )
+    path = tmp_path / "last.ckpt"
+    torch.save(ckpt, path)
+
+    other = OmegaConf.load(f"{CONFIG_DIR}/net/swinir_tiny.yaml")
+    other.depths, other.num_heads = [2], [2]
+    with pytest.raises(CheckpointMismatchError) as err:
+        Stage1Restoration.for_inference(instantiate(other), str(path))
+    msg = str(err.value)
+    assert len(msg) < 2000 and "\\n" not in msg
+    lines = msg.splitlines()
+    keys = [line for line in lines if line.startswith("    net.") or line.startswith("    layers")]
+    assert 2 <= len(keys) <= 15  # a few keys, one a line
+    assert "trained with net bir.nets.swinir.SwinIR" in msg and "embed_dim=8" in msg
+    fix = next(line for line in lines if "fix:" in line)
+    expected = ["net@method.net=swinir_tiny", "method.net.embed_dim=8", "method.net.num_feat=8"]
+    assert fix.split("fix: add these overrides: ")[1].split() == expected
+    # the suggested overrides do build a net the checkpoint loads into
+    fixed = OmegaConf.load(f"{CONFIG_DIR}/net/swinir_tiny.yaml")
+    fixed.embed_dim, fixed.num_feat = 8, 8
+    Stage1Restoration.for_inference(instantiate(fixed), str(path))

@@ -216,3 +216,38 @@ def test_missing_file_names_the_release(tmp_path):
 def test_rejects_inconsistent_unshuffle():
     with pytest.raises(ValueError, match="unshuffle_scale"):
         SwinIR(**{**TINY, "unshuffle_scale": 8})
+
+
+GRID_SIDES = [1, 7, 8, 13, 17, 64, 100, 130]  # around multiples of the 16-px padding
+
+
+def test_any_shape_on_the_tiny_net_equals_the_explicitly_padded_reference():
+    """Every (H, W) in a grid over 1..130 px, including feature grids one window tall and many
+    wide (7x13, 8x16, 3x100 used to fail in a ``view``): the output has the input size and is
+    the network run on the explicitly padded input, cropped."""
+    net = tiny().eval()
+    for h in GRID_SIDES:
+        for w in GRID_SIDES:
+            x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h * 1000 + w))
+            with torch.no_grad():
+                y = net(x)
+                reference = net(net.pad_input(x))[..., :h, :w]
+            assert y.shape == x.shape, (h, w)
+            torch.testing.assert_close(y, reference, msg=lambda m, s=(h, w): f"{s}: {m}")
+
+
+def test_default_diffbir_net_on_one_window_tall_grids():
+    """The released DiffBIR configuration: 64 x 128 and 64 x 192 are one 8-token window tall
+    after the x8 unshuffle (both crashed); 1 x 130 pads to 64 x 192 and must equal the network
+    run on the explicitly padded input, cropped."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    net = instantiate(OmegaConf.load(CONF / "swinir_diffbir.yaml")).eval()
+    with torch.no_grad():
+        for size in [(64, 128), (64, 192)]:
+            x = torch.rand(1, 3, *size)
+            y = net(x)
+            assert y.shape == x.shape and torch.isfinite(y).all()
+        x = torch.rand(1, 3, 1, 130)
+        torch.testing.assert_close(net(x), net(net.pad_input(x))[..., :1, :130])
