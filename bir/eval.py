@@ -3,8 +3,11 @@
     bir-eval pred=DIR gt=DIR metrics=[psnr,ssim,lpips] crop_border=0 y_channel=false out=FILE.csv
 
 Files are matched by stem (relative path without suffix: ``sub/img01.png`` matches
-``sub/img01.jpg``). Unmatched files, size mismatches and unreadable files are reported per row
-and counted in the summary; evaluation carries on. Per-image rows go to ``out`` (CSV), the summary
+``sub/img01.jpg``); two files of one stem in a folder (``dup.jpg``, ``dup.png``) are an error
+listing every collision, before any work, as in ``bir-restore`` and ``bir-degrade``
+(:func:`bir.data.io.index_by_name`). Unmatched files, size mismatches, unreadable files and
+metrics that fail on an image (SSIM on an image under 11x11) are reported per row and counted in
+the summary; evaluation carries on. The summary JSON is strict (a non-finite value is ``null``). Per-image rows go to ``out`` (CSV), the summary
 (mean, std, count per metric; counts of problems; folder metrics such as FID) to
 ``<out stem>.summary.md`` and ``.summary.json`` and is printed as a table.
 """
@@ -17,22 +20,28 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bir import metrics as M
-from bir.data.io import ImageReadError, atomic_write_bytes, list_images, read_image
+from bir.data.io import (
+    ImageReadError,
+    atomic_write_bytes,
+    check_writable_folder,
+    index_by_name,
+    read_image,
+)
 
 log = logging.getLogger(__name__)
 
-#: Row statuses; every status other than "ok" is counted in the summary.
-STATUSES = ("ok", "unmatched_pred", "unmatched_gt", "size_mismatch", "unreadable", "duplicate")
+#: Row statuses; every status other than "ok" is counted in the summary. "metric_error": a
+#: metric failed on this image (its message is in ``error``); the others' values are kept.
+STATUSES = ("ok", "unmatched_pred", "unmatched_gt", "size_mismatch", "unreadable", "metric_error")
 
 
 @dataclass
@@ -42,28 +51,17 @@ class FolderMatch:
     pairs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (stem, pred, gt)
     only_pred: list[tuple[str, Path]] = field(default_factory=list)
     only_gt: list[tuple[str, Path]] = field(default_factory=list)
-    duplicates: list[tuple[str, Path]] = field(default_factory=list)  # same stem, other suffix
-
-
-def _by_stem(root: Path, duplicates: list[tuple[str, Path]]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in list_images(root, recursive=True):
-        stem = p.relative_to(root).with_suffix("").as_posix()
-        if stem in out:
-            duplicates.append((stem, p))
-        else:
-            out[stem] = p
-    return out
 
 
 def match_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | None) -> FolderMatch:
     """Pair images of ``pred_dir`` and ``gt_dir`` by relative path without suffix.
 
-    With ``gt_dir=None`` every prediction is "unmatched" (no-reference evaluation).
+    With ``gt_dir=None`` every prediction is "unmatched" (no-reference evaluation). Two files of
+    one stem in either folder raise :class:`bir.data.io.DuplicateNameError` listing them.
     """
     match = FolderMatch()
-    preds = _by_stem(Path(pred_dir), match.duplicates)
-    gts = _by_stem(Path(gt_dir), match.duplicates) if gt_dir is not None else {}
+    preds = index_by_name(pred_dir)
+    gts = index_by_name(gt_dir) if gt_dir is not None else {}
     for stem, p in preds.items():
         if stem in gts:
             match.pairs.append((stem, p, gts[stem]))
@@ -164,11 +162,7 @@ def evaluate_folders(
             row.update(status="size_mismatch",
                        error=f"pred {tuple(x.shape[1:])} vs gt {tuple(y.shape[1:])}")  # fmt: skip
         else:
-            xb, yb = x[None].to(device), y[None].to(device)
-            values = {m: fn(xb, yb) for m, fn in fr_fns.items()}
-            values.update({m: model(xb) for m, model in nr_models.items()})
-            acc.update(values)
-            row.update({m: float(v[0]) for m, v in values.items()})
+            _score(row, x[None].to(device), y[None].to(device), fr_fns, nr_models, acc)
         rows.append(row)
     for stem, p in match.only_pred:
         row = {"name": stem, "status": "unmatched_pred", "pred": str(p), "gt": ""}
@@ -177,15 +171,12 @@ def evaluate_folders(
             if x is None:
                 row.update(status="unreadable", error=err)
             else:
-                values = {m: model(x[None].to(device)) for m, model in nr_models.items()}
-                acc.update(values)
-                row.update(status="ok", **{m: float(v[0]) for m, v in values.items()})
+                row["status"] = "ok"
+                _score(row, x[None].to(device), None, {}, nr_models, acc)
         rows.append(row)
     rows += [
         {"name": s, "status": "unmatched_gt", "pred": "", "gt": str(p)} for s, p in match.only_gt
     ]
-    rows += [{"name": s, "status": "duplicate", "pred": str(p), "gt": "",
-              "error": "another file has the same stem; ignored"} for s, p in match.duplicates]  # fmt: skip
     rows.sort(key=lambda r: (r["name"], r["status"]))
 
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
@@ -202,7 +193,7 @@ def evaluate_folders(
         "counts": counts,
     }
     if dist:
-        ok_pred = [Path(r["pred"]) for r in rows if r["pred"] and r["status"] != "duplicate"]
+        ok_pred = [Path(r["pred"]) for r in rows if r["pred"]]
         gt_files = [Path(r["gt"]) for r in rows if r["gt"]]
         summary["distribution"] = M.distribution_metrics(
             _readable_images(ok_pred), _readable_images(gt_files), metrics=dist,
@@ -210,6 +201,39 @@ def evaluate_folders(
             kid_subset_size=kid_subset_size, device=device,
         )  # fmt: skip
     return rows, summary
+
+
+def _score(
+    row: dict,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    full_ref: Mapping[str, Callable],
+    no_ref: Mapping[str, nn.Module],
+    acc: M.MetricAccumulator,
+) -> None:
+    """Run each metric on one image (``x``, ``y``: [1, 3, H, W]); a metric that fails (e.g. SSIM
+    on a 1x1 image) leaves its message in the row (status "metric_error"), the others count."""
+    values, errors = {}, []
+    for m, fn in [*full_ref.items(), *no_ref.items()]:
+        try:
+            values[m] = fn(x, y) if m in full_ref else fn(x)
+        except (ValueError, RuntimeError) as err:
+            errors.append(f"{m}: {err}")
+    acc.update(values)
+    row.update({m: float(v[0]) for m, v in values.items()})
+    if errors:
+        row.update(status="metric_error", error="; ".join(errors))
+
+
+def _strict(v):
+    """Summary values -> strict JSON values (non-finite floats -> None)."""
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_strict(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def _fmt(v: float) -> str:
@@ -250,13 +274,14 @@ def write_results(
     base = out.with_suffix("") if out.suffix else out
     md, js = Path(f"{base}.summary.md"), Path(f"{base}.summary.json")
     atomic_write_bytes(md, summary_markdown(summary).encode())
-    atomic_write_bytes(js, json.dumps(summary, indent=1, allow_nan=True).encode())
+    atomic_write_bytes(js, json.dumps(_strict(summary), indent=1, allow_nan=False).encode())
     return out, md, js
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """The body of ``bir-eval``: evaluate, write the files, print the summary table."""
     weights = OmegaConf.to_container(cfg.weights, resolve=True) if cfg.get("weights") else {}
+    check_writable_folder(Path(cfg.out).parent, key="out (its folder)")  # before any work
     rows, summary = evaluate_folders(
         cfg.pred, cfg.gt, metrics=list(cfg.metrics), crop_border=int(cfg.crop_border),
         y_channel=bool(cfg.y_channel), device=cfg.device, weights=weights,
@@ -268,11 +293,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """Console entry point ``bir-eval`` (``conf/eval.yaml``)."""
-    evaluate(cfg)
+if __name__ == "__main__":  # python -m bir.eval: the bir-eval console script
+    from bir.cli import eval_main
 
-
-if __name__ == "__main__":
-    main()
+    eval_main()

@@ -36,6 +36,7 @@ def _inputs(root: Path, n: int) -> list[str]:
 
 def test_restore_baseline_writes_every_image_and_resumes(tmp_path):
     names = _inputs(tmp_path / "in", 3)
+    save_image(torch.rand(3, 12, 16), tmp_path / "in" / ".hidden.png")  # never an input
     out = tmp_path / "out"
     args = [
         "method=baseline",
@@ -43,32 +44,62 @@ def test_restore_baseline_writes_every_image_and_resumes(tmp_path):
         f"output={out}",
         "callbacks.progress_bar=null",
     ]
-    assert run_cli("bir-restore", args, tmp_path).returncode == 0
+    mask = os.umask(0o022)  # the child inherits it; files must be 0644, not mkstemp's 0600
+    try:
+        assert run_cli("bir-restore", args, tmp_path).returncode == 0
+    finally:
+        os.umask(mask)
     for n in names:
         assert torch.equal(read_image(out / f"{n}.png"), read_image(tmp_path / "in" / f"{n}.png"))
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in written} >= {".png", ".json", ".csv", ".md"}
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {"0o644"}
+    assert not list(out.rglob(".*"))  # the hidden input was not restored
     # the resolved config is saved with the run
     cfgs = list((tmp_path / "outputs" / "restore").glob("*/.hydra/config.yaml"))
     assert len(cfgs) == 1 and "baseline" in cfgs[0].read_text()
-    # interrupted run: one output missing and a stale temp file; a restart redoes only that one
+    # interrupted run: one output missing, one empty, and a temporary file of a killed write;
+    # a restart redoes only those two and removes the temporary file
     mtimes = {n: (out / f"{n}.png").stat().st_mtime_ns for n in names}
     (out / "sub" / "im1.png").unlink()
-    (out / ".im0.png.123.tmp").write_bytes(b"partial")
+    (out / "im2.png").write_bytes(b"")
+    stale = out / ".im0.png.k3j9x0ab.tmp"  # the name atomic_write_bytes gives it
+    stale.write_bytes(b"partial")
     assert run_cli("bir-restore", args, tmp_path).returncode == 0
     assert (out / "sub" / "im1.png").exists()
+    assert read_image(out / "im2.png").shape == (3, 12, 16)
     assert (out / "im0.png").stat().st_mtime_ns == mtimes["im0"]
-    assert (out / "im2.png").stat().st_mtime_ns == mtimes["im2"]
+    assert not stale.exists()
+
+
+def test_restore_refuses_to_write_where_it_reads(tmp_path):
+    names = _inputs(tmp_path / "in", 2)
+    before = {n: (tmp_path / "in" / f"{n}.png").read_bytes() for n in names}
+    proc = run_cli("bir-restore", ["method=baseline", f"input={tmp_path / 'in'}",
+                                   f"output={tmp_path / 'in'}"], tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "same folder as input=" in lines[0], proc.stderr
+    assert {n: (tmp_path / "in" / f"{n}.png").read_bytes() for n in names} == before
+    assert sorted(p.name for p in (tmp_path / "in").rglob("*")) == ["im0.png", "im1.png", "sub"]
 
 
 def test_restore_bad_inputs_are_reported(tmp_path):
     _inputs(tmp_path / "in", 2)
     (tmp_path / "in" / "broken.png").write_bytes(b"garbage")
+    # a truncated JPEG passes the start-up check and fails to decode mid-run: skipped, counted
+    save_image(torch.rand(3, 32, 32), tmp_path / "in" / "cut.jpg")
+    data = (tmp_path / "in" / "cut.jpg").read_bytes()
+    (tmp_path / "in" / "cut.jpg").write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
     proc = run_cli(
         "bir-restore", ["method=baseline", f"input={tmp_path / 'in'}", f"output={out}"], tmp_path
     )
     assert proc.returncode == 0
-    assert "broken.png" in proc.stdout + proc.stderr
+    assert "broken.png" in proc.stdout + proc.stderr and "cut.jpg" in proc.stdout + proc.stderr
     assert sorted(p.name for p in out.rglob("*.png")) == ["im0.png", "im1.png"]
+    summary = (out / "summary.md").read_text()
+    assert "2 images skipped" in summary and "- unreadable: 2 (broken, cut)" in summary
     proc = run_cli(
         "bir-restore",
         ["method=baseline", f"input={tmp_path / 'nothing'}", f"output={out}"],

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bir import metrics as M
-from bir.data.io import read_image, save_image
+from bir.data.io import DuplicateNameError, read_image, save_image
 from bir.eval import evaluate_folders, match_folders, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,3 +128,49 @@ def test_bir_eval_cli_on_mismatched_folders(folders, tmp_path):
     summary = json.loads((tmp_path / "cli.summary.json").read_text())
     assert summary["crop_border"] == 2 and summary["y_channel"] is True
     assert summary["counts"]["size_mismatch"] == 1 and summary["metrics"]["ssim"]["count"] == 2
+
+
+def test_a_metric_failing_on_one_image_is_recorded_in_its_row(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    g = torch.Generator().manual_seed(1)
+    good = torch.rand(3, 16, 16, generator=g)
+    save_image(good, gt / "a.png")
+    save_image((good * 0.9).clamp(0, 1), pred / "a.png")
+    save_image(torch.full((3, 1, 1), 0.5), gt / "tiny.png")  # SSIM needs 11x11
+    save_image(torch.full((3, 1, 1), 0.25), pred / "tiny.png")
+    rows, summary = evaluate_folders(pred, gt, metrics=["psnr", "ssim"])
+    tiny = next(r for r in rows if r["name"] == "tiny")
+    assert tiny["status"] == "metric_error" and "ssim" in tiny["error"] and "11x11" in tiny["error"]
+    x, y = read_image(pred / "tiny.png")[None], read_image(gt / "tiny.png")[None]
+    assert tiny["psnr"] == pytest.approx(M.psnr(x, y).item())  # the other metric still counts
+    assert summary["counts"]["metric_error"] == 1 and summary["counts"]["ok"] == 1
+    assert summary["metrics"]["psnr"]["count"] == 2 and summary["metrics"]["ssim"]["count"] == 1
+    out, _, _ = write_results(rows, summary, tmp_path / "scores.csv")
+    with open(out) as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok", "metric_error"]
+
+
+def test_two_files_of_one_stem_stop_evaluation_with_the_list(folders):
+    pred, gt = folders
+    save_image(torch.zeros(3, 24, 24), pred / "a.jpg")  # next to a.png
+    save_image(torch.zeros(3, 24, 24), gt / "sub" / "b.bmp")  # next to sub/b.png
+    with pytest.raises(DuplicateNameError, match=r"a \(a.jpg, a.png\)"):
+        evaluate_folders(pred, gt, metrics=["psnr"])
+    with pytest.raises(DuplicateNameError, match=r"sub/b \(b.bmp, b.png\)"):
+        match_folders(gt, None)
+
+
+def test_summary_json_is_strict(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    save_image(torch.full((3, 16, 16), 0.5), pred / "same.png")
+    save_image(torch.full((3, 16, 16), 0.5), gt / "same.png")  # PSNR +inf, std NaN
+    rows, summary = evaluate_folders(pred, gt, metrics=["psnr", "ssim"])
+    _, _, js = write_results(rows, summary, tmp_path / "s.csv")
+
+    def refuse(token):
+        raise ValueError(f"bare {token} in {js}")
+
+    loaded = json.loads(js.read_text(), parse_constant=refuse)
+    assert loaded["metrics"]["psnr"]["mean"] is None  # infinite: not a JSON number
+    assert loaded["metrics"]["psnr"]["nonfinite"] == 1
+    assert loaded["metrics"]["ssim"]["mean"] == pytest.approx(1.0)

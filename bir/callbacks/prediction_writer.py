@@ -7,17 +7,27 @@ Layout under ``output_dir`` for an input named ``sub/img``::
     curves/sub/img.json         loss curve / guidance-scale trajectory, if returned
     curves/sub/img_scale.png    plot of the guidance scale over the sampling steps
     records/sub/img.json        metrics against the ground truth (when given) and extras
-    metrics.csv, summary.md     one row per image / mean, std and count per metric (rank 0)
+    skipped/sub/img.json        why an image was skipped: its input (or ground truth) could not be
+                                read, or the method's output was not finite (NaN/inf)
+    metrics.csv, summary.md     one row per image / mean, std and count per metric, and the
+                                skipped images (rank 0)
 
 Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
-partial file under a final name, and a restarted run skips images whose output exists. Under DDP
-each rank writes its own images (names are unique); rank 0 builds the summary from the records on
-disk after a barrier, so the table also covers images finished by an earlier, interrupted run.
+partial file under a final name, and a restarted run skips images whose output exists and is not
+empty (``bir.data.io.remove_stale_temp_files`` clears temporary files of a killed run before it
+starts). Records are strict JSON: a non-finite number (NaN, or the infinite PSNR of an exact
+restoration) is written as ``null``. One bad image never stops the run: an unreadable input is
+skipped with one warning naming it, a non-finite output is not written (one error line), both are
+recorded under ``skipped/`` and counted in the summary; non-finite outputs make the run fail at
+the end, after every other image is written. Under DDP each rank writes its own images (names are
+unique); rank 0 builds the summary from the records on disk after a barrier, so the table also
+covers images finished by an earlier, interrupted run.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -36,14 +46,24 @@ log = logging.getLogger(__name__)
 
 
 def _to_jsonable(v):
+    """Tensors, arrays and numbers -> strict-JSON values; every non-finite float -> None."""
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu()
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
+        v = v.item() if v.numel() == 1 else v.tolist()
+    elif isinstance(v, np.ndarray | np.generic):
+        v = v.tolist()
+    if isinstance(v, dict):
+        return {k: _to_jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_to_jsonable(x) for x in v]
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _dump(data) -> bytes:
+    """Strict JSON (``allow_nan=False``: never a bare NaN or Infinity)."""
+    return json.dumps(_to_jsonable(data), indent=1, allow_nan=False).encode()
 
 
 def _per_sample(value, i: int):
@@ -82,7 +102,8 @@ class PredictionWriter(BasePredictionWriter):
         self.metrics, self.crop_border = tuple(metrics), crop_border
         self.save_kernels, self.save_curves = save_kernels, save_curves
         self.log_images = log_images
-        self.failed: list[str] = []
+        self.failed: list[str] = []  # names whose output was not finite (this run)
+        self.unreadable: dict[str, str] = {}  # names whose input could not be read (this run)
         self._logged = 0
         self._table_rows: list[dict] = []
         self._metric_warned: set[str] = set()
@@ -92,17 +113,27 @@ class PredictionWriter(BasePredictionWriter):
         return self.output_dir / f"{name}{self.image_suffix}"
 
     def done_names(self) -> set[str]:
-        """Names whose restored image already exists (a resumed run skips these)."""
+        """Names whose restored image exists and is not empty (a resumed run skips these).
+
+        A zero-byte file (a full disk, a copy tool's placeholder) is not done; hidden files are
+        not images.
+        """
         if not self.output_dir.exists():
             return set()
-        skip = {"kernels", "curves", "records"}
+        skip = {"kernels", "curves", "records", "skipped"}
         out = set()
         for p in self.output_dir.rglob(f"*{self.image_suffix}"):
             rel = p.relative_to(self.output_dir)
-            if rel.parts[0] in skip or p.name.startswith("."):
+            if rel.parts[0] in skip or any(part.startswith(".") for part in rel.parts):
                 continue
-            out.add(str(rel.with_suffix("")).replace(os.sep, "/"))
+            if p.is_file() and p.stat().st_size > 0:
+                out.add(rel.with_suffix("").as_posix())
         return out
+
+    def _record_skip(self, name: str, reason: str, error: str) -> None:
+        """One file under ``skipped/`` per skipped image (counted by :meth:`write_summary`)."""
+        atomic_write_bytes(self.output_dir / "skipped" / f"{name}.json",
+                           _dump({"name": name, "reason": reason, "error": error}))  # fmt: skip
 
     def _metrics(self, restored: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
         from bir import metrics as M
@@ -144,7 +175,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def _write_curves(self, name: str, curves: dict[str, torch.Tensor]) -> None:
         data = {k: _to_jsonable(v) for k, v in curves.items()}
-        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", json.dumps(data).encode())
+        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", _dump(data))
         if "scale_trajectory" in curves:
             import matplotlib
 
@@ -165,6 +196,35 @@ class PredictionWriter(BasePredictionWriter):
             atomic_write_bytes(self.output_dir / "curves" / f"{name}_scale.png", buf.getvalue())
 
     # -- Lightning hooks -----------------------------------------------------------------------
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record inputs the dataset dropped at start-up, and guard the module's predict step:
+        a batch whose images were all unreadable (``batch["name"] == []``, see
+        ``bir.data.datasets.collate``) is not passed to the method."""
+        if trainer.is_global_zero:
+            loaders = trainer.predict_dataloaders
+            for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+                for name, err in getattr(
+                    getattr(loader, "dataset", None), "unreadable", {}
+                ).items():
+                    self._record_skip(name, "unreadable", err)
+        step = pl_module.predict_step
+        if getattr(step, "_skips_empty_batches", False):
+            return
+
+        @functools.wraps(step)  # keeps the signature Lightning inspects
+        def predict_step(batch, *args, **kwargs):
+            if isinstance(batch, dict) and "name" in batch and len(batch["name"]) == 0:
+                return None
+            return step(batch, *args, **kwargs)
+
+        predict_step._skips_empty_batches = True
+        pl_module.predict_step = predict_step
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        for name, err in batch.get("unreadable", []) if isinstance(batch, dict) else []:
+            self.unreadable[name] = err
+            self._record_skip(name, "unreadable", err)
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):  # fmt: skip
         if prediction is None:
@@ -175,7 +235,9 @@ class PredictionWriter(BasePredictionWriter):
             img = restored[i]
             if not torch.isfinite(img).all():
                 self.failed.append(name)
-                log.error("output for %s contains NaN/inf; not written", name)
+                log.error("skipping %s: the method's output contains NaN/inf; not written", name)
+                self._record_skip(name, "non-finite output",
+                                  f"{int((~torch.isfinite(img)).sum())} values are NaN or inf")  # fmt: skip
                 continue
             record: dict = {"name": name}
             if "gt" in batch and self.metrics:
@@ -189,9 +251,9 @@ class PredictionWriter(BasePredictionWriter):
             if self.save_curves and curves:
                 self._write_curves(name, curves)
                 record["final_loss"] = _to_jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
-            atomic_write_bytes(self.output_dir / "records" / f"{name}.json",
-                               json.dumps(record, indent=1).encode())  # fmt: skip
+            atomic_write_bytes(self.output_dir / "records" / f"{name}.json", _dump(record))
             save_image(img, self.image_path(name))  # last: marks the image done
+            (self.output_dir / "skipped" / f"{name}.json").unlink(missing_ok=True)
             self._table_rows.append({"name": name, **record.get("metrics", {})})
             self._log_grid(trainer, batch, restored, i, name)
 
@@ -211,10 +273,13 @@ class PredictionWriter(BasePredictionWriter):
         if "gt" in batch and batch["gt"][i].shape == restored[i].shape:
             panels.append(batch["gt"][i])
         grid = torch.cat([p.detach().float().cpu().clamp(0, 1) for p in panels], dim=-1)
-        logger.log_image(key="predict/images", images=[grid], caption=[f"{name}: LQ | output | GT"])
+        rgb8 = (grid * 255).round().to(torch.uint8)  # wandb.Image casts to uint8 as it is
+        logger.log_image(key="predict/images", images=[rgb8], caption=[f"{name}: LQ | output | GT"])
         self._logged += 1
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module.__dict__.get("predict_step"), "_skips_empty_batches", False):
+            del pl_module.predict_step  # the class's method again
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             rows = self.write_summary()
@@ -225,19 +290,34 @@ class PredictionWriter(BasePredictionWriter):
                                  data=[[r.get(c) for c in cols] for r in rows])  # fmt: skip
         if self.failed:
             raise RuntimeError(
-                f"{len(self.failed)} outputs were not finite and were not written: "
+                f"{len(self.failed)} outputs were not finite (NaN/inf) and were not written: "
                 + ", ".join(self.failed[:10])
+                + f"; every other image was written to {self.output_dir}"
             )
 
+    def skipped_names(self) -> dict[str, dict]:
+        """Images recorded under ``skipped/`` whose output does not exist: name -> record."""
+        folder = self.output_dir / "skipped"
+        out = {}
+        for p in sorted(folder.rglob("*.json")) if folder.exists() else []:
+            rec = json.loads(p.read_text())
+            if not self.image_path(rec["name"]).exists():
+                out[rec["name"]] = rec
+        return out
+
     def write_summary(self) -> list[dict]:
-        """Build metrics.csv and summary.md from every record on disk; returns the rows."""
+        """Build metrics.csv and summary.md from every record on disk; returns the rows.
+
+        The summary ends with the skipped images (unreadable input, non-finite output), by reason.
+        """
+        skipped = self.skipped_names()
         rows = []
         records = self.output_dir / "records"
         for p in sorted(records.rglob("*.json")) if records.exists() else []:
             rec = json.loads(p.read_text())
             rows.append({"name": rec["name"], **rec.get("metrics", {}),
                          **({"final_loss": rec["final_loss"]} if "final_loss" in rec else {})})  # fmt: skip
-        if not rows:
+        if not rows and not skipped:
             return rows
         cols = ["name"] + sorted({k for r in rows for k in r} - {"name"})
         buf = io.StringIO()
@@ -245,12 +325,26 @@ class PredictionWriter(BasePredictionWriter):
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(self.output_dir / "metrics.csv", buf.getvalue().encode())
-        lines = ["| metric | mean | std | count |", "|---|---|---|---|"]
+        lines = []
         for c in cols[1:]:
             vals = np.array([r[c] for r in rows if r.get(c) is not None], dtype=np.float64)
             if len(vals):
                 lines.append(f"| {c} | {vals.mean():.4f} | {vals.std():.4f} | {len(vals)} |")
-        lines.append(f"\n{len(rows)} images; output in {self.output_dir}")
-        atomic_write_bytes(self.output_dir / "summary.md", ("\n".join(lines) + "\n").encode())
-        log.info("summary:\n%s", "\n".join(lines))
+        if lines:  # no metric (no gt=): no table, not an empty one
+            lines = ["| metric | mean | std | count |", "|---|---|---|---|", *lines, ""]
+        lines.append(f"{len(rows)} images; output in {self.output_dir}")
+        if skipped:
+            reasons: dict[str, list[str]] = {}
+            for name, rec in skipped.items():
+                reasons.setdefault(rec.get("reason", "skipped"), []).append(name)
+            lines.append(f"{len(skipped)} images skipped (details in skipped/):")
+            for reason, names in sorted(reasons.items()):
+                more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+                lines.append(f"- {reason}: {len(names)} ({', '.join(names[:20])}{more})")
+        text = "\n".join(lines)
+        atomic_write_bytes(self.output_dir / "summary.md", (text + "\n").encode())
+        # the CLI reads the summary again after predict: show the same table only once
+        if text != getattr(self, "_summary_shown", None):
+            log.info("summary:\n%s", text)
+            self._summary_shown = text
         return rows

@@ -18,14 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bir.data.io import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
+from bir.data.io import (
+    IMAGE_SUFFIXES,
+    FolderError,
+    ImageReadError,
+    image_name,
+    index_by_name,
+    list_images,
+    read_image,
+)
 from bir.data.samples import materialize_samples
+from bir.random import sample_generators
 
 log = logging.getLogger(__name__)
 
+#: generator stream (bir.random) of the crops and flips of training images
+AUGMENT_STREAM = 51  # apart from every stream the training modules use
+
 
 def _stem(path: Path, root: Path) -> str:
-    return str(path.relative_to(root).with_suffix("")).replace(os.sep, "/")
+    return image_name(path, root)
 
 
 def _fit_to_crop(img: torch.Tensor, size: int, small: str) -> torch.Tensor:
@@ -58,6 +70,14 @@ def _fit_to_crop(img: torch.Tensor, size: int, small: str) -> torch.Tensor:
 class ImageFolderDataset(Dataset):
     """Images under a folder (recursively) or from a file list, with crops and flips.
 
+    Item ``index`` is the draw's number: ``index % len(files)`` picks the file, and the random
+    crop and flips of that draw come from a generator seeded by ``(seed, index)``
+    (:func:`bir.random.sample_generators`, stream :data:`AUGMENT_STREAM`), never from the global
+    RNG. A sampler that numbers its draws past ``len(self)`` (as
+    :class:`bir.data.datamodule.ResumableSampler` does, one block of ``len(self)`` per pass) thus
+    gets fresh crops in every pass, and the same draw always gives the same crop, so a resumed
+    run reads exactly the crops an uninterrupted one read.
+
     Args:
         root: image folder (searched recursively unless ``recursive`` is False).
         file_list: optional text file with one path per line (relative to ``root`` or absolute);
@@ -68,6 +88,7 @@ class ImageFolderDataset(Dataset):
         small: images smaller than the crop are ``"reflect"``-padded or ``"upscale"``-d.
         repeat: virtual length multiplier (a small folder yields more crops per epoch).
         key: dict key of the image (``"gt"`` for training data).
+        seed: run seed of the crop and flip generators (the entry config's ``seed``).
     """
 
     def __init__(
@@ -82,6 +103,7 @@ class ImageFolderDataset(Dataset):
         small: str = "reflect",
         repeat: int = 1,
         key: str = "gt",
+        seed: int = 0,
     ):
         self.root = Path(root)
         if file_list is not None:
@@ -92,6 +114,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         self.crop_size, self.crop, self.flip, self.vflip = crop_size, crop, flip, vflip
         self.small, self.repeat, self.key = small, int(repeat), key
+        self.seed = int(seed)
         self.skipped: set[str] = set()
 
     def _read_file_list(self, list_path: Path) -> list[Path]:
@@ -134,7 +157,7 @@ class ImageFolderDataset(Dataset):
                 )
         raise RuntimeError(f"no readable image in {self.root} ({len(self.skipped)} unreadable)")
 
-    def _crop(self, img: torch.Tensor) -> torch.Tensor:
+    def _crop(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if self.crop_size is None:
             return img
         s = self.crop_size
@@ -143,20 +166,23 @@ class ImageFolderDataset(Dataset):
         if self.crop == "center":
             top, left = (h - s) // 2, (w - s) // 2
         else:
-            top = int(torch.randint(0, h - s + 1, ()).item())
-            left = int(torch.randint(0, w - s + 1, ()).item())
+            top = int(torch.randint(0, h - s + 1, (), generator=g))
+            left = int(torch.randint(0, w - s + 1, (), generator=g))
         return img[:, top : top + s, left : left + s]
 
-    def _augment(self, img: torch.Tensor) -> torch.Tensor:
-        if self.flip and torch.rand(()) < 0.5:
+    def _augment(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        # both coins are always tossed, so a flag does not shift the other draws
+        hflip, vflip = (torch.rand(2, generator=g) < 0.5).tolist()
+        if self.flip and hflip:
             img = img.flip(-1)
-        if self.vflip and torch.rand(()) < 0.5:
+        if self.vflip and vflip:
             img = img.flip(-2)
         return img
 
     def __getitem__(self, index: int) -> dict:
         i = index % len(self.files)
-        img = self._augment(self._crop(self.load(i)))
+        g = sample_generators(self.seed, [index], "cpu", AUGMENT_STREAM)[0]
+        img = self._augment(self._crop(self.load(i), g), g)
         return {self.key: img.contiguous(), "name": self.name_of(i), "index": index}
 
 
@@ -171,14 +197,12 @@ class SamplePhotos(ImageFolderDataset):
         super().__init__(folders[split], **kwargs)
 
 
-def _index_by_stem(root: Path) -> dict[str, Path]:
-    return {_stem(p, root): p for p in list_images(root)}
-
-
 class PairedFolderDataset(Dataset):
     """GT/LQ pairs matched by relative path without suffix (``a/b.png`` ~ ``a/b.jpg``).
 
-    Unmatched files are listed in one warning; no pair at all is an error. Optional centre crop
+    Unmatched files are listed in one warning; no pair at all is an error, and so are the same
+    folder for both and two files of one name in a folder (``dup.jpg``, ``dup.png``: which LQ
+    belongs to the GT would be a guess; :func:`bir.data.io.index_by_name`). Optional centre crop
     of the GT (and the LQ at ``crop_size / scale``) for fixed-size validation batches.
     """
 
@@ -190,7 +214,12 @@ class PairedFolderDataset(Dataset):
         scale: int = 1,
     ):
         self.gt_root, self.lq_root = Path(gt_root), Path(lq_root)
-        gt, lq = _index_by_stem(self.gt_root), _index_by_stem(self.lq_root)
+        if self.gt_root.resolve() == self.lq_root.resolve():
+            raise FolderError(
+                f"GT and LQ are the same folder ({gt_root}): every image would be paired with "
+                "itself; give the folder of degraded images as LQ"
+            )
+        gt, lq = index_by_name(self.gt_root), index_by_name(self.lq_root)
         self.names = sorted(set(gt) & set(lq))
         unmatched = sorted(set(gt) ^ set(lq))
         if unmatched:
@@ -236,8 +265,15 @@ class RestoreFolderDataset(Dataset):
     ground truth of the same name under ``gt`` (for metrics), minus names in ``exclude`` (images
     already restored: a resumed run does not redo them).
 
-    Unreadable inputs are not replaced (each output name must be the input's): they are dropped
-    at construction with one warning each and listed in ``skipped``.
+    Two inputs (or two ground truths) of one name (``dup.jpg``, ``dup.png``) are an error at
+    construction that lists them: both would be restored to ``dup.png``. Unreadable inputs are
+    not replaced (each output name must be the input's): those found at construction (a header
+    check) are dropped with one warning each and listed in ``skipped`` (paths) and ``unreadable`` (name ->
+    reason); one that fails to decode
+    later (a truncated JPEG passes the header check; an unreadable ground truth) gives an item
+    ``{"name", "index", "unreadable": message}`` with no image, after one warning naming the
+    file. :func:`collate` moves such items to ``batch["unreadable"]`` and the
+    :class:`~bir.callbacks.PredictionWriter` counts them, so the run goes on.
     """
 
     def __init__(
@@ -249,14 +285,15 @@ class RestoreFolderDataset(Dataset):
         validate: bool = True,
     ):
         self.root = Path(input)
-        files = list_images(self.root, recursive=recursive)
+        index = index_by_name(self.root, recursive=recursive)
         self.gt_root = Path(gt) if gt else None
-        self.gt_index = _index_by_stem(self.gt_root) if self.gt_root else {}
+        self.gt_index = index_by_name(self.gt_root) if self.gt_root else {}
         excluded = set(exclude)
-        self.all_names = [_stem(p, self.root) for p in files]
+        self.all_names = list(index)
         self.skipped: list[str] = []
+        self.unreadable: dict[str, str] = {}  # name -> reason, for inputs dropped here
         self.items: list[tuple[str, Path]] = []
-        for name, path in zip(self.all_names, files):
+        for name, path in index.items():
             if name in excluded:
                 continue
             if validate:
@@ -270,6 +307,7 @@ class RestoreFolderDataset(Dataset):
                         read_image(path)
                     except ImageReadError:
                         self.skipped.append(str(path))
+                        self.unreadable[name] = f"cannot read image {path}: {err}"
                         log.warning("skipping unreadable input %s: %s", path, err)
                         continue
             self.items.append((name, path))
@@ -281,15 +319,32 @@ class RestoreFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         name, path = self.items[index]
-        item = {"lq": read_image(path), "name": name, "index": self.global_index[name]}
-        if name in self.gt_index:
-            item["gt"] = read_image(self.gt_index[name])
+        item: dict = {"name": name, "index": self.global_index[name]}
+        try:
+            item["lq"] = read_image(path)
+            if name in self.gt_index:
+                item["gt"] = read_image(self.gt_index[name])
+        except ImageReadError as err:
+            log.warning("skipping %s: %s", name, err)
+            return {"name": name, "index": item["index"], "unreadable": str(err)}
         return item
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack tensors (same sizes required within a batch) and keep strings/ints as lists/tensors."""
-    out: dict = {}
+    """Stack tensors (same sizes required within a batch) and keep strings/ints as lists/tensors.
+
+    Items that carry ``unreadable`` (an image that failed to decode, see
+    :class:`RestoreFolderDataset`) leave the batch: their ``(name, message)`` pairs go to
+    ``batch["unreadable"]``. A batch of unreadable items only is ``{"name": [], "index": empty,
+    "unreadable": [...]}``; the prediction writer skips its predict step.
+    """
+    unreadable = [(it["name"], it["unreadable"]) for it in items if "unreadable" in it]
+    if unreadable:
+        items = [it for it in items if "unreadable" not in it]
+        if not items:
+            return {"name": [], "index": torch.zeros(0, dtype=torch.long),
+                    "unreadable": unreadable}  # fmt: skip
+    out: dict = {} if not unreadable else {"unreadable": unreadable}
     for key in items[0]:
         values = [it[key] for it in items]
         if isinstance(values[0], torch.Tensor):

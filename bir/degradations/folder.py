@@ -1,4 +1,4 @@
-"""Degrade a folder of images with a pipeline (fixed seed, resumable) and the ``bir-degrade`` main.
+"""Degrade a folder of images with a pipeline (fixed seed, resumable); ``bir-degrade`` runs it.
 
 bir-degrade input=DIR output=DIR degradation=second_order seed=0
 """
@@ -13,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-from bir.data.io import ImageReadError, list_images, read_image, save_image
+from bir.data.io import (
+    ImageReadError,
+    MissingFolderError,
+    NotAFolderError,
+    check_separate_folders,
+    index_by_name,
+    prepare_output_folder,
+    read_image,
+    save_image,
+)
 from bir.degradations.pipelines import DegradationResult
 from bir.random import sample_generators
 
@@ -37,21 +46,30 @@ def degrade_folder(
     ``sample_generators(seed, [i], device, stream)``, so its LQ depends only on (seed, i).
     The LQ goes to the same relative path with ``suffix`` (atomic write), and one JSON line
     ``{"name": relative path without suffix, **params}`` is appended to ``output_dir/params.jsonl``.
-    Images whose output exists are skipped (resumable); unreadable files are skipped with one
-    warning each.
+    Images whose output exists and is not empty are skipped (resumable); unreadable files are
+    skipped with one warning each.
+
+    Before any work, as ``bir-restore`` (:mod:`bir.data.io`): ``output_dir`` must not be, hold
+    or lie inside ``input_dir``; two inputs of one name (``dup.jpg``, ``dup.png``, both to
+    ``dup.png``) are an error that lists them; the output folder must be writable; temporary files
+    of a killed run are removed. Hidden files are not inputs.
 
     Returns:
         counts: ``{"total", "written", "skipped_existing", "unreadable"}``.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    files = list_images(input_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if not input_dir.is_dir():
+        if input_dir.exists():
+            raise NotAFolderError(f"input={input_dir} is a file; give the folder of clean images")
+        raise MissingFolderError(f"input={input_dir} does not exist; give the folder of images")
+    check_separate_folders(output_dir, input=input_dir)
+    files = index_by_name(input_dir)
+    prepare_output_folder(output_dir, input=input_dir)
     counts = {"total": len(files), "written": 0, "skipped_existing": 0, "unreadable": 0}
     with open(output_dir / PARAMS_FILE, "a", encoding="utf-8") as records:
-        for index, path in enumerate(files):
-            rel = path.relative_to(input_dir).with_suffix("")
-            target = output_dir / rel.with_suffix(suffix)
-            if target.exists():
+        for index, (name, path) in enumerate(files.items()):
+            target = output_dir / f"{name}{suffix}"  # not with_suffix: "a.b" must stay "a.b"
+            if target.is_file() and target.stat().st_size > 0:
                 counts["skipped_existing"] += 1
                 continue
             try:
@@ -64,28 +82,13 @@ def degrade_folder(
             with torch.no_grad():
                 result = pipeline(gt, generators)
             save_image(result.lq[0], target)
-            records.write(json.dumps({"name": rel.as_posix(), **result.params[0]}) + "\n")
+            records.write(json.dumps({"name": name, **result.params[0]}) + "\n")
             records.flush()
             counts["written"] += 1
     return counts
 
 
-def main() -> None:
-    """Hydra entry point ``bir-degrade`` (config ``conf/degrade.yaml``)."""
-    import hydra
-    from omegaconf import DictConfig
+if __name__ == "__main__":  # python -m bir.degradations.folder: the bir-degrade console script
+    from bir.cli import degrade_main
 
-    @hydra.main(version_base="1.3", config_path="../../conf", config_name="degrade")
-    def _run(cfg: DictConfig) -> None:
-        pipeline = hydra.utils.instantiate(cfg.degradation)
-        counts = degrade_folder(
-            cfg.input, cfg.output, pipeline, seed=cfg.seed, suffix=cfg.suffix, device=cfg.device
-        )
-        log.info("bir-degrade: %s", counts)
-        print(json.dumps(counts))
-
-    _run()
-
-
-if __name__ == "__main__":
-    main()
+    degrade_main()

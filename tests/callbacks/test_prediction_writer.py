@@ -42,16 +42,35 @@ def _inputs(tmp_path, n=3):
         save_image(torch.full((3, 16, 16), 0.1 * (k + 1)), tmp_path / "gt" / f"img{k}.png")
 
 
-def _run(tmp_path, module, writer):
+def _run(tmp_path, module, writer, batch_size=2):
     ds = RestoreFolderDataset(tmp_path / "in", gt=tmp_path / "gt", exclude=writer.done_names())
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False
     )
     if len(ds):
-        trainer.predict(
-            module, DataLoader(ds, batch_size=2, collate_fn=collate), return_predictions=False
-        )
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+        trainer.predict(module, loader, return_predictions=False)
     return ds
+
+
+def _strict_json(path):
+    """Parse ``path`` as strict JSON: a bare NaN / Infinity is an error."""
+
+    def refuse(token):
+        raise ValueError(f"{path} holds a bare {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _truncated_jpeg(path, seed=0):
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.kron(arr, np.ones((2, 2, 1), np.uint8))).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with Image.open(path) as im:  # passes the start-up check
+        im.verify()
 
 
 def test_writes_everything_and_summary(tmp_path):
@@ -92,3 +111,80 @@ def test_nan_output_is_not_written_but_others_are(tmp_path):
     out = tmp_path / "out"
     assert (out / "img0.png").exists() and (out / "img2.png").exists()
     assert not (out / "img1.png").exists()
+    rec = _strict_json(out / "skipped" / "img1.json")
+    assert rec["reason"] == "non-finite output" and "1 values" in rec["error"]
+    assert "- non-finite output: 1 (img1)" in (out / "summary.md").read_text()
+    # a later run that succeeds clears the record
+    _run(tmp_path, HalfModule(), PredictionWriter(out, metrics=()))
+    assert (out / "img1.png").exists() and not (out / "skipped" / "img1.json").exists()
+    assert "skipped" not in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_read_errors_during_the_run_skip_the_image_and_the_run_goes_on(tmp_path, batch_size,
+                                                                        caplog):  # fmt: skip
+    _inputs(tmp_path)
+    _truncated_jpeg(tmp_path / "in" / "bad.jpg")  # an input that fails to decode mid-run
+    _truncated_jpeg(tmp_path / "gt" / "img2.jpg", seed=1)  # a ground truth that does
+    (tmp_path / "gt" / "img2.png").unlink()
+    module, out = HalfModule(), tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        _run(tmp_path, module, PredictionWriter(out, save_curves=False), batch_size=batch_size)
+    assert module.calls == ["img0", "img1"]  # the method never sees an unreadable image
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png"]
+    warned = [r.getMessage() for r in caplog.records if "bad.jpg" in r.getMessage()]
+    assert len(warned) == 1 and "truncated" in warned[0]
+    summary = (out / "summary.md").read_text()
+    assert "\n2 images; output in" in summary
+    assert "2 images skipped" in summary and "- unreadable: 2 (bad, img2)" in summary
+    assert "img2.jpg" in _strict_json(out / "skipped" / "img2.json")["error"]
+    # the input is repaired: a resumed run restores it and forgets the skip
+    save_image(torch.full((3, 16, 16), 0.8), tmp_path / "in" / "bad.jpg")
+    module = HalfModule()
+    _run(tmp_path, module, PredictionWriter(out, save_curves=False), batch_size=batch_size)
+    assert module.calls == ["bad"]  # img2 is skipped again (its GT is still truncated)
+    assert "- unreadable: 1 (img2)" in (out / "summary.md").read_text()
+
+
+def test_inputs_dropped_at_start_up_are_counted_in_the_summary(tmp_path):
+    _inputs(tmp_path)
+    (tmp_path / "in" / "garbage.png").write_bytes(b"not an image")
+    _run(tmp_path, HalfModule(), PredictionWriter(tmp_path / "out", metrics=(), save_curves=False))
+    assert "- unreadable: 1 (garbage)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_empty_and_hidden_outputs_are_not_done(tmp_path):
+    _inputs(tmp_path)
+    w = PredictionWriter(tmp_path / "out", metrics=(), save_curves=False)
+    _run(tmp_path, HalfModule(), w)
+    out = tmp_path / "out"
+    (out / "img1.png").write_bytes(b"")  # a full disk or a copy tool's placeholder
+    save_image(torch.zeros(3, 4, 4), out / ".img9.png")
+    save_image(torch.zeros(3, 4, 4), out / "skipped" / "img8.png")
+    assert w.done_names() == {"img0", "img2"}
+    m = HalfModule()
+    _run(tmp_path, m, PredictionWriter(out, metrics=(), save_curves=False))
+    assert m.calls == ["img1"] and (out / "img1.png").stat().st_size > 0
+
+
+class IdentityModule(HalfModule):
+    """Returns the input unchanged (PSNR against itself is infinite) and a NaN extra."""
+
+    def predict_step(self, batch, batch_idx):
+        b = batch["lq"].shape[0]
+        return {"name": batch["name"], "restored": batch["lq"].clone(),
+                "extras": {"nan": torch.full((b,), float("nan")), "ok": torch.ones(b),
+                           "pair": torch.tensor([[float("inf"), 1.0]] * b)}}  # fmt: skip
+
+
+def test_records_and_curves_are_strict_json(tmp_path):
+    for k in range(2):
+        save_image(torch.full((3, 16, 16), 0.2 * (k + 1)), tmp_path / "in" / f"img{k}.png")
+    (tmp_path / "gt").symlink_to(tmp_path / "in")  # gt = input: PSNR is +inf
+    _run(tmp_path, IdentityModule(), PredictionWriter(tmp_path / "out", save_curves=False))
+    rec = _strict_json(tmp_path / "out" / "records" / "img0.json")
+    assert rec["metrics"]["psnr"] is None and rec["metrics"]["ssim"] == pytest.approx(1.0)
+    assert rec["extras"] == {"nan": None, "ok": 1.0, "pair": [None, 1.0]}
+    _inputs(tmp_path / "second")
+    _run(tmp_path / "second", HalfModule(nan_names=()), PredictionWriter(tmp_path / "o2"))
+    assert _strict_json(tmp_path / "o2" / "curves" / "img0.json")["loss_curve"][0] == 1.0
