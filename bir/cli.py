@@ -1,30 +1,128 @@
-"""Hydra entry points: ``bir-train`` (fit / validate / test) and ``bir-restore`` (predict).
+"""Hydra entry points, all four: ``bir-train`` (fit / validate / test), ``bir-restore``
+(predict), ``bir-degrade`` (write LQ copies of a folder) and ``bir-eval`` (metrics of a folder).
 
-The mains only compose and instantiate; every piece of model logic lives in the modules the
-configs name. Each run's folder holds the resolved config (``.hydra/config.yaml``).
+The mains only check, compose and instantiate; every piece of model logic lives in the modules the
+configs name. Each run's folder holds the resolved config (``.hydra/config.yaml``). All four read
+one config tree, :data:`CONFIG_DIR`.
+
+Mistakes a user can fix (an unset ``input=``, an unchosen ``prior=``, ``method.steps=abc``, a
+missing checkpoint, ``ckpt_path=last`` with nothing to resume) stop the command before any work
+with one message on stderr and exit status 2 (:func:`user_errors`); every other exception keeps
+its traceback, because it is a bug to report.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from bir import config_checks
+from bir.errors import UsageError
+
 log = logging.getLogger("bir")
 
-#: the config tree shipped with bir (override with BIR_CONFIG_DIR)
+#: the config tree of every entry point (override with the BIR_CONFIG_DIR environment variable)
 CONFIG_DIR = os.environ.get("BIR_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+
+#: exit status of a command stopped by a user error (as argparse uses for bad arguments)
+USER_ERROR_EXIT = 2
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception classes whose message tells the user what to change (imported when needed, so
+    ``--help`` does not load torch)."""
+    from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue
+
+    from bir.nets.checkpoints import (
+        CheckpointMismatchError,
+        MissingCheckpointError,
+        UnsafeCheckpointError,
+    )
+
+    return (
+        UsageError,
+        MissingCheckpointError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+        MissingMandatoryValue,
+        InterpolationKeyError,
+    )
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The message to print for a user error, or None when ``err`` is a bug (keep its traceback).
+
+    Hydra wraps what a constructor raises in ``InstantiationException``; the cause is looked at,
+    and the config key Hydra names (``full_key: method``) leads the message.
+    """
+    from hydra.errors import InstantiationException
+
+    kinds = _user_error_types()
+    prefix = ""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        key = re.search(r"full_key: (\S+)", str(err))
+        prefix = prefix or (f"{key.group(1)}: " if key else "")
+        err = err.__cause__
+    if not isinstance(err, kinds):
+        return None
+    msg = str(err)
+    if hasattr(err, "full_key") and not isinstance(err, UsageError):
+        # OmegaConf errors: keep the first line; the rest is its own debugging detail
+        msg = msg.splitlines()[0] + (f" (at {err.full_key})" if err.full_key else "")
+    return prefix + msg
+
+
+def user_errors(prog: str) -> Callable[[Callable], Callable]:
+    """Decorate a task function: a user error becomes ``prog: error: <message>`` on stderr and
+    exit status 2 (no traceback); anything else propagates unchanged."""
+
+    def wrap(task: Callable) -> Callable:
+        @functools.wraps(task)
+        def run(cfg: DictConfig):
+            try:
+                return task(cfg)
+            except Exception as err:
+                msg = user_error_message(err)
+                if msg is None:
+                    raise
+                log.debug("user error", exc_info=True)
+                print(f"{prog}: error: {msg}", file=sys.stderr)
+                sys.exit(USER_ERROR_EXIT)
+
+        return run
+
+    return wrap
+
+
+def check_config(cfg: DictConfig, required: dict[str, str] | None = None) -> None:
+    """Before anything is built: required top-level values, every interpolation, and every
+    ``_target_`` node's argument names and scalar types (:mod:`bir.config_checks`)."""
+    config_checks.require(cfg, required or {})
+    config_checks.resolve_all(cfg, CONFIG_DIR)
+    config_checks.check_arguments(cfg)
+    if cfg.get("trust_pickle"):
+        from bir.nets.checkpoints import trust_pickle_files
+
+        # the only way a weights file is unpickled in full: named by the user, for this run
+        trust_pickle_files(list(cfg.trust_pickle))
 
 
 def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*predict_dataloader.*")
+    # bir.data.datamodule.ResumableSampler positions itself from the trainer's restored progress
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups fail at once instead of retrying
 
 
@@ -81,17 +179,32 @@ def _close_logger(logger) -> None:
         exp.finish()
 
 
-def _resolve_ckpt(ckpt_path: str | None, output_dir: str) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """``bir-train``'s ``ckpt_path``: None, ``"best"``, an existing file, or ``"last"`` (this
+    run folder's ``checkpoints/last.ckpt``). Raises :class:`UsageError` for a file that is not
+    there and for ``last`` with nothing to resume, listing the ``run_name`` values that can."""
     if ckpt_path in (None, "", "null"):
         return None
     if ckpt_path == "last":
-        last = Path(output_dir) / "checkpoints" / "last.ckpt"
-        if not last.exists():
-            log.warning("ckpt_path=last but %s does not exist; starting from scratch", last)
-            return None
-        return str(last)
-    if ckpt_path != "best" and not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+        run = Path(output_dir)
+        last = run / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return str(last)
+        runs = sorted(p.parent.parent.name for p in run.parent.glob("*/checkpoints/last.ckpt"))
+        if runs:
+            raise UsageError(
+                f"ckpt_path=last: run_name={run.name} has no checkpoints/last.ckpt; to resume a "
+                f"run in {run.parent}, give its name: run_name=<{'|'.join(runs)}>"
+            )
+        raise UsageError(
+            f"ckpt_path=last: no run in {run.parent} has a checkpoints/last.ckpt to resume; "
+            "drop ckpt_path to start a new run, or give ckpt_path=/path/to/file.ckpt"
+        )
+    if ckpt_path != "best" and not Path(ckpt_path).is_file():
+        raise UsageError(
+            f"ckpt_path={ckpt_path} does not exist: give a checkpoint file, or ckpt_path=last "
+            "with the run_name of the run to resume"
+        )
     return ckpt_path
 
 
@@ -101,14 +214,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     _quiet()
+    check_config(cfg)
+    if cfg.stage not in ("fit", "validate", "test"):
+        raise UsageError(f"stage must be fit, validate or test; got stage={cfg.stage}")
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if cfg.get("net") is not None and "_target_" in cfg.net:
+        from bir.callbacks.net_config import StoreNetConfig, net_config_record
+
+        hc = hydra.core.hydra_config.HydraConfig
+        choice = hc.get().runtime.choices.get("net") if hc.initialized() else None
+        callbacks.append(StoreNetConfig(net_config_record(cfg.net, choice, CONFIG_DIR)))
     logger = instantiate_logger(cfg.get("logger"), cfg)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
-    ckpt = _resolve_ckpt(cfg.get("ckpt_path"), cfg.paths.output_dir)
     try:
         if cfg.stage == "fit":
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)
@@ -116,10 +238,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trainer.test(model, datamodule=datamodule, ckpt_path="best")
         elif cfg.stage == "validate":
             trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt)
-        elif cfg.stage == "test":
-            trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
         else:
-            raise ValueError(f"stage must be fit, validate or test, got {cfg.stage!r}")
+            trainer.test(model, datamodule=datamodule, ckpt_path=ckpt)
     finally:
         _close_logger(logger)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -140,8 +260,17 @@ def restore(cfg: DictConfig) -> dict:
 
     from bir.callbacks import PredictionWriter
     from bir.data.datasets import RestoreFolderDataset, collate
+    from bir.data.io import check_restore_folders
 
     _quiet()
+    # an unset input= or output= is the most common slip: say so before anything else
+    required = {
+        "input": "the folder of images to restore",
+        "output": "the folder for the restored images",
+    }
+    check_config(cfg, required)
+    # creates the output folder, so it runs once the config is known to be sound
+    check_restore_folders(cfg.input, cfg.output, cfg.get("gt"))
     torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, verbose=False)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -186,7 +315,36 @@ def summary_means(writer) -> dict[str, float]:
     return means
 
 
+def degrade(cfg: DictConfig) -> dict[str, int]:
+    """``bir-degrade``: write a degraded copy of ``cfg.input`` into ``cfg.output``
+    (:func:`bir.degradations.folder.degrade_folder`); returns its counts."""
+    from bir.degradations.folder import degrade_folder
+
+    required = {
+        "input": "the folder of clean images to degrade",
+        "output": "the folder for the degraded (LQ) copies",
+    }
+    check_config(cfg, required)
+    pipeline = hydra.utils.instantiate(cfg.degradation)
+    counts = degrade_folder(
+        cfg.input, cfg.output, pipeline, seed=cfg.seed, suffix=cfg.suffix, device=cfg.device
+    )
+    log.info("bir-degrade: %s", counts)
+    print(json.dumps(counts))
+    return counts
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """``bir-eval``: metrics of ``cfg.pred`` against ``cfg.gt`` (:func:`bir.eval.evaluate`)."""
+    from bir.eval import evaluate as evaluate_config
+
+    check_config(cfg, {"pred": "the folder of restored images to score"})
+    return evaluate_config(cfg)
+
+
+# ------------------------------------------------------------------------------ console scripts
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@user_errors("bir-train")
 def train_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     # returned for sweepers (e.g. Optuna) that optimise a validation metric
@@ -194,7 +352,20 @@ def train_main(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="restore")
+@user_errors("bir-restore")
 def restore_main(cfg: DictConfig) -> float | None:
     result = restore(cfg)
     # returned for sweepers (e.g. Optuna) that optimise a metric against the ground truth
     return result.get(cfg.get("optimized_metric", "psnr"))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="degrade")
+@user_errors("bir-degrade")
+def degrade_main(cfg: DictConfig) -> None:
+    degrade(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@user_errors("bir-eval")
+def eval_main(cfg: DictConfig) -> None:
+    evaluate(cfg)
