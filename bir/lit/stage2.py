@@ -28,6 +28,9 @@ from bir.lit.hparams import save_plain_hyperparameters
 from bir.lit.stage1 import STEP_STRIDE, comparison_grid
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.nets.controlldm import ControlLDM
+from bir.nets.rrdbnet import BSRNET_URL
+from bir.nets.scunet import SCUNET_URL
+from bir.nets.swinir import DIFFBIR_SWINIR_URL
 from bir.random import rand, randn, sample_generators
 
 Tensor = torch.Tensor
@@ -41,11 +44,20 @@ STAGE1_PREFIXES = ("net.", "preprocess_model.", "", "model.", "module.", "ema.",
 FROZEN_PREFIXES = ("model.unet.", "model.vae.", "model.clip.", "model.cond_encoder.", "stage1.")
 
 
+#: stage-1 network class -> (name in errors, where its released weights are published)
+_STAGE1_RELEASES = {
+    "SwinIR": ("DiffBIR stage-1 SwinIR", DIFFBIR_SWINIR_URL),
+    "RRDBNet": ("DiffBIR v2 stage-1 BSRNet", BSRNET_URL),
+    "SCUNet": ("DiffBIR v2 stage-1 SCUNet", SCUNET_URL),
+}
+
+
 def load_stage1(net: nn.Module, ckpt_path: str | None, config_key: str) -> nn.Module:
     """Load a stage-1 network strictly (bir stage-1 checkpoint, DiffBIR SwinIR or v1 full
     checkpoint) and freeze it; ``ckpt_path=None`` keeps its weights (tests)."""
     if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, what="DiffBIR stage-1 SwinIR", config_key=config_key)
+        what, url = _STAGE1_RELEASES.get(type(net).__name__, (type(net).__name__, None))
+        state = load_checkpoint(ckpt_path, what=what, url=url, config_key=config_key)
         state = select_prefix(state, STAGE1_PREFIXES, net.state_dict().keys())
         load_state_dict_checked(net, state, name=f"stage-1 network ({ckpt_path})")
     net.requires_grad_(False)
@@ -258,9 +270,9 @@ class Stage2ControlLDM(pl.LightningModule):
         grid = comparison_grid(inputs["lq"], inputs["clean"], decoded, inputs["gt"])
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(
-                    key=tag, images=[grid.permute(1, 2, 0).numpy()], step=self.global_step
-                )
+                # wandb.Image casts arrays to uint8 as they are: give it 0..255, not 0..1
+                rgb8 = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+                logger.log_image(key=tag, images=[rgb8], step=self.global_step)
                 continue
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):

@@ -229,3 +229,14 @@ def test_tiny_experiment_trains_through_bir_train(tmp_path, trainer):
     assert all(torch.isfinite(v).all() for v in state.values())
     metrics = (next(run.rglob("metrics.csv"))).read_text()
     assert "train/loss" in metrics and "val/loss" in metrics
+
+
+def test_missing_stage1_weights_name_the_network_and_its_release(tmp_path):
+    from bir.lit.stage2 import load_stage1
+    from bir.nets.checkpoints import MissingCheckpointError
+    from bir.nets.rrdbnet import BSRNET_URL, RRDBNet
+
+    with pytest.raises(MissingCheckpointError) as err:
+        load_stage1(RRDBNet(nf=4, nb=1, gc=4), str(tmp_path / "BSRNet.pth"), "method.stage1_ckpt")
+    msg = str(err.value)
+    assert "BSRNet" in msg and BSRNET_URL in msg and "SwinIR" not in msg
