@@ -10,9 +10,12 @@ always called with the original timestep ``schedule.timesteps[i]``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import torch
+
+from bir.errors import UsageError
 
 Tensor = torch.Tensor
 
@@ -59,6 +62,12 @@ def space_timesteps(T: int, spec: int | str) -> list[int]:
     "ddimN" (stride T//N starting at 0, as DDIM), or comma-separated counts per equal section
     ("10,15,20").
     """
+    if not re.fullmatch(r"\d+|ddim\d+|\d+(,\d+)+", str(spec).replace(" ", "")):
+        raise UsageError(
+            f"steps={spec!r} is not a respacing: give a number of steps (50), ddimN (ddim25) or "
+            "step counts per equal section ('10,15,20')"
+        )
+    spec = spec if isinstance(spec, int) else str(spec).replace(" ", "")
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
         n = int(spec)
         return _space_sections(T, [n])
@@ -105,9 +114,16 @@ class DiffusionSchedule:
         timesteps: the original timesteps to use (ascending, a subset of range(T)); all if None.
             Respacing follows IDDPM: the new betas are ``1 - abar[t_k] / abar[t_{k-1}]``, so the
             marginals q(x_t | x_0) at the kept steps are unchanged.
+        final_alpha_cumprod: ``alpha_bar`` of the step below the first used one (1: the data, so
+            the last step lands on x0; ldm's DDIM uses ``alpha_bar`` of training step 0).
     """
 
-    def __init__(self, betas: Tensor, timesteps: Sequence[int] | Tensor | None = None):
+    def __init__(
+        self,
+        betas: Tensor,
+        timesteps: Sequence[int] | Tensor | None = None,
+        final_alpha_cumprod: float = 1.0,
+    ):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         self.num_train_timesteps = len(betas)
         abar_full = torch.cumprod(1.0 - betas, 0)
@@ -119,7 +135,10 @@ class DiffusionSchedule:
                 raise ValueError(f"timesteps must lie in [0, {len(betas)})")
         self.timesteps = ts
         abar = abar_full[ts]
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        # the step below the first used one: the data (abar = 1) by default; ldm's DDIM stops at
+        # the first training step instead (final_alpha_cumprod = abar_full[0], see ldm_ddim_schedule)
+        first_prev = torch.full((1,), float(final_alpha_cumprod), dtype=torch.float64)
+        abar_prev = torch.cat([first_prev, abar[:-1]])
         self.alphas_cumprod = abar
         self.alphas_cumprod_prev = abar_prev
         self.betas = 1.0 - abar / abar_prev
@@ -228,3 +247,55 @@ class DiffusionSchedule:
         max_log = _extract(torch.log(self.betas), i, model_var_values)
         frac = (model_var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
+
+
+def ldm_ddim_timesteps(T: int, steps: int) -> list[int]:
+    """DDIM timesteps in the latent-diffusion (CompVis ldm) convention that DiffBIR's released
+    DDIM sampler uses: stride ``c = T // steps``, ``range(0, T, c)`` shifted by one, i.e.
+    1, 21, 41, ..., 981 for 50 steps of 1000 (bir's ``ddimN`` spacing gives 0, 20, ..., 980).
+    As ldm, a ``steps`` that does not divide ``T`` can give more steps than asked (7 of 1000:
+    stride 142, eight steps 1 ... 995).
+
+    ldm adds one "to get the final alpha values right"; together with
+    ``final_alpha_cumprod = alpha_bar[0]`` (:func:`ldm_ddim_schedule`) the last DDIM step goes from
+    t = 1 to training step 0, not to the data.
+    """
+    if not 0 < steps <= T:
+        raise ValueError(f"DDIM steps must lie in [1, {T}], got {steps}")
+    stride = T // steps
+    ts = [t + 1 for t in range(0, T, stride)]
+    if ts[-1] >= T:  # as ldm, where alpha_bar[T] is out of range
+        raise UsageError(
+            f"the ldm DDIM convention cannot take {steps} steps of {T} (the last would be t = "
+            f"{ts[-1]}); choose steps with T % steps < T // steps - 1, e.g. a divisor of {T}"
+        )
+    return ts
+
+
+def ldm_ddim_schedule(betas: Tensor, steps: int) -> DiffusionSchedule:
+    """:class:`DiffusionSchedule` of ldm's DDIM (``make_ddim_timesteps("uniform")`` +
+    ``make_ddim_sampling_parameters``): timesteps :func:`ldm_ddim_timesteps` and
+    ``alpha_bar_prev`` of the first used step = ``alpha_bar`` of training step 0 (the final DDIM
+    step returns ``sqrt(abar_0) x0 + sqrt(1 - abar_0) eps``, not x0)."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    abar0 = float(1.0 - betas[0])
+    return DiffusionSchedule(
+        betas, ldm_ddim_timesteps(len(betas), steps), final_alpha_cumprod=abar0
+    )
+
+
+def diffusers_ddim_timesteps(T: int, steps: int) -> list[int]:
+    """DDIM timesteps in the diffusers ``DDIMScheduler.set_timesteps`` convention that BIRD's
+    released code vendors (``timestep_spacing="leading"``, ``steps_offset=0``): stride
+    ``c = T // steps``, timesteps ``0, c, 2c, ..., (steps - 1) c`` (ascending, as
+    :func:`space_timesteps`). Exactly ``steps`` of them; when ``steps`` does not divide ``T`` the
+    top one stays below ``T - c`` (3 of 1000: 0, 333, 666; 6 of 1000: 0, 166, ..., 830).
+
+    Each DDIM update goes from ``t_k`` to ``t_{k-1}`` and the last one to the data
+    (``alpha_bar = 1``, diffusers' ``set_alpha_to_one``), which is :class:`DiffusionSchedule`'s
+    default.
+    """
+    if not 0 < steps <= T:
+        raise ValueError(f"DDIM steps must lie in [1, {T}], got {steps}")
+    stride = T // steps
+    return [k * stride for k in range(steps)]

@@ -1,12 +1,21 @@
-"""Latent image guidance: closed-form update, time window, repeats, edge weights, RGB space,
-per-sample independence and the scale-0 identity."""
+"""Latent image guidance: closed-form update (v2 and v1 units), time window, repeats, resampled
+targets, edge weights, RGB space, per-sample independence and the scale-0 identity; the CFG
+helpers."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from bir.diffusion.guidance import REFERENCE_SCALE_FACTOR, LatentImageGuidance, edge_weight_map
+from bir.diffusion.guidance import (
+    REFERENCE_SCALE_FACTOR,
+    LatentImageGuidance,
+    classifier_free_guidance,
+    edge_weight_map,
+    rescaled_cfg_scale,
+)
 from bir.diffusion.parameterization import ModelOutput, convert_output
 from bir.diffusion.samplers import sample_ddim, sample_ddpm
 from bir.diffusion.schedules import DiffusionSchedule, make_betas, space_timesteps
@@ -168,3 +177,74 @@ def test_bad_settings_are_rejected():
         g.guide_x0(torch.zeros(1, 4, 2, 2), step_index(1, 1))
     with pytest.raises(ValueError, match="latent"):
         g.set_target(torch.zeros(1, 3, 16, 16))
+
+
+def test_v1_units_step_x0_by_scale_and_the_mean_by_half_of_it():
+    """DiffBIR v1: per repeat x0 <- x0 - s grad (no x3000, no 1/c1_t); the mean of the unguided
+    x0 moves by 0.5 x (sum of the x0 steps)."""
+    sched = schedule()
+    x0, target = latents()
+    s, n = 0.5, x0[0].numel()
+    g = LatentImageGuidance(s, repeats=2, units="v1", schedule=sched)
+    g.set_target(torch.rand(2, 3, 48, 48), target)
+    i = step_index(4)
+    x_t = torch.randn_like(x0)
+    mean = sched.posterior_mean(x0, x_t, i)
+    out = ModelOutput(eps=torch.zeros_like(x0), x0=x0)
+    new_mean, new_x0 = g(x_t, i, out, mean, sched.posterior_log_variance(i, x0))
+    step1 = -s * 2 * (x0 - target) / n
+    x1 = x0 + step1
+    step2 = -s * 2 * (x1 - target) / n
+    torch.testing.assert_close(new_x0, x1 + step2)
+    torch.testing.assert_close(new_mean, mean + 0.5 * (step1 + step2))
+    # v2 units return only x0 (the sampler recomputes the mean from it)
+    v2 = LatentImageGuidance(s, units="v2", schedule=sched)
+    v2.set_target(torch.rand(2, 3, 48, 48), target)
+    m2, x2 = v2(x_t, i, out, mean, sched.posterior_log_variance(i, x0))
+    assert m2 is None and x2 is not None
+    # inside sample_ddpm the v1 mean is used as returned
+    gens = sample_generators(0, [0, 1])
+    a = sample_ddpm(toy_model(sched), x_t, sched, gens, guidance=g, clip_x0=False)
+    b = sample_ddpm(toy_model(sched), x_t, sched, sample_generators(0, [0, 1]), clip_x0=False)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_resampled_target_is_re_encoded_every_guided_step_and_repeat():
+    sched = schedule()
+    x0, target = latents()
+    calls = []
+
+    def encode(image):  # a posterior sample: a new draw on every call
+        calls.append(image)
+        return target + 0.1 * len(calls)
+
+    g = LatentImageGuidance(0.01, repeats=3, resample_target=True, encode=encode, schedule=sched)
+    image = torch.rand(2, 3, 48, 48)
+    g.set_target(image, None)
+    i = step_index(5)
+    new = g.guide_x0(x0, i)
+    assert len(calls) == 3 and all(c is g.image for c in calls)
+    c1 = float(sched.posterior_mean_coef1[5])
+    n, k = x0[0].numel(), 0.01 * REFERENCE_SCALE_FACTOR / c1
+    expect = x0
+    for r in range(3):  # each repeat against its own sample
+        expect = expect - k * 2 * (expect - (target + 0.1 * (r + 1))) / n
+    torch.testing.assert_close(new, expect)
+    # outside the window nothing is encoded
+    g.t_start = 0
+    g.guide_x0(x0, i)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="encode"):
+        LatentImageGuidance(0.01, resample_target=True, schedule=sched)
+    with pytest.raises(ValueError, match="units"):
+        LatentImageGuidance(0.01, units="v3")
+
+
+def test_rescaled_cfg_scale_and_classifier_free_guidance():
+    s = 6.0
+    assert rescaled_cfg_scale(s, 1000) == 1.0  # pure noise: no guidance
+    assert rescaled_cfg_scale(s, 0) == pytest.approx(1 + s)  # (1 - cos(pi)) / 2 = 1
+    assert rescaled_cfg_scale(s, 500) == pytest.approx(1 + s * (1 - math.cos(math.pi / 32)) / 2)
+    assert rescaled_cfg_scale(1.0, 0) == 1.0 and rescaled_cfg_scale(0.5, 10) == 0.5
+    c, u = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.0])
+    torch.testing.assert_close(classifier_free_guidance(c, u, 4.0), torch.tensor([5.0, 1.0]))
