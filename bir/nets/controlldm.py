@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ Tensor = torch.Tensor
 
 SD21_URL = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"
 DIFFBIR_URL = "https://github.com/XPixelGroup/DiffBIR#pretrained-models"
+DIFFBIR_V21_URL = "https://huggingface.co/lxq007/DiffBIR-v2"
 #: where a ControlNet's weights sit in the checkpoints bir reads (EMA first when wanted)
 CONTROL_PREFIXES = ("control_model.", "model.controlnet.", "controlnet.", "module.", "")
 UNET_PREFIXES = ("model.diffusion_model.", "model.unet.", "unet.", "diffusion_model.")
@@ -90,7 +92,8 @@ class ControlLDM(nn.Module):
             state = load_checkpoint(
                 sd_ckpt_path,
                 what="Stable Diffusion 2.1",
-                url=SD21_URL,
+                # the zero-SNR v-prediction SD of DiffBIR v2.1 is published beside its ControlNet
+                url=DIFFBIR_V21_URL if "zsnr" in Path(str(sd_ckpt_path)).name else SD21_URL,
                 config_key="net.sd_ckpt_path",
             )
             self.load_sd_weights(state, name=str(sd_ckpt_path))

@@ -328,3 +328,12 @@ def test_vae_encode_sample_uses_the_per_sample_generators_and_mode_otherwise():
         b = model.vae_encode(img[1:], sample_generators(0, [6]))
     torch.testing.assert_close(a[1:], b)  # sample 6 draws the same noise whatever its batch
     assert not torch.allclose(a, mode)
+
+
+def test_missing_zero_snr_sd_points_to_the_diffbir_v2_release(tmp_path):
+    from bir.nets.checkpoints import MissingCheckpointError
+    from bir.nets.controlldm import DIFFBIR_V21_URL, ControlLDM
+
+    with pytest.raises(MissingCheckpointError) as err:
+        ControlLDM(None, None, None, sd_ckpt_path=tmp_path / "sd2.1-base-zsnr-laionaes5.ckpt")
+    assert DIFFBIR_V21_URL in str(err.value)
