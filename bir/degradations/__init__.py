@@ -10,7 +10,14 @@ from bir.degradations.kernels import (
     kernels_from_params,
     sinc_kernels,
 )
-from bir.degradations.noise import add_gaussian_noise, add_poisson_noise
+from bir.degradations.noise import (
+    BT601_LUMA,
+    POISSON_LEVELS,
+    TORCHVISION_LUMA,
+    add_gaussian_noise,
+    add_poisson_noise,
+    unique_levels,
+)
 from bir.degradations.pipelines import (
     DegradationResult,
     IdentityDegradation,
@@ -18,9 +25,12 @@ from bir.degradations.pipelines import (
     SingleStageDegradation,
     quantize_8bit,
 )
-from bir.degradations.resize import random_resize, resize
+from bir.degradations.resize import random_resize, resize, resize_by_factor
 
 __all__ = [
+    "BT601_LUMA",
+    "POISSON_LEVELS",
+    "TORCHVISION_LUMA",
     "DegradationResult",
     "DiffJPEG",
     "IdentityDegradation",
@@ -38,6 +48,8 @@ __all__ = [
     "random_resize",
     "reflect_pad",
     "resize",
+    "resize_by_factor",
     "sinc_kernels",
+    "unique_levels",
     "usm_sharp",
 ]

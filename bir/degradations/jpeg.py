@@ -5,15 +5,18 @@ subsampling (2x2 mean) -> 8x8 blocks, level shift -128 -> orthonormal 2-D DCT-II
 quantisation table, round -> multiply back -> inverse DCT -> chroma upsampling (2x nearest) ->
 RGB, clamp to [0, 255].
 
-Quantisation tables are the ITU-T T.81 Annex K tables scaled by quality as libjpeg
-``jpeg_quality_scaling`` does: S = 5000 / q (q < 50) or 200 - 2q, Q = floor((Q_base * S + 50) / 100)
-clamped to [1, 255] (baseline). Deviations from BasicSR's ``DiffJPEG``, on purpose:
-- the luminance table is used in its standard orientation (BasicSR transposes it) and scaled and
-  clamped as libjpeg (BasicSR multiplies by S / 100 without flooring or clamping), so quality q
-  here means what it means to libjpeg / OpenCV / PIL;
-- images are padded to a multiple of 16 by edge replication, as libjpeg pads partial MCUs
-  (BasicSR pads with zeros);
-- the quality tensor is never modified in place (BasicSR's ``quality_to_factor`` rewrites it).
+Two conventions (``convention=``):
+- "libjpeg" (bir's default): the ITU-T T.81 Annex K tables scaled by quality as libjpeg
+  ``jpeg_quality_scaling`` does: S = 5000 / q (q < 50) or 200 - 2q,
+  Q = floor((Q_base * S + 50) / 100) clamped to [1, 255] (baseline), luminance table in its
+  standard orientation, so quality q means what it means to libjpeg / OpenCV / PIL; partial MCUs
+  padded to 16 by edge replication, as libjpeg pads them.
+- "basicsr": BasicSR's ``DiffJPEG`` (``basicsr/utils/diffjpeg.py``), with which Real-ESRGAN and
+  DiffBIR were trained: the luminance table transposed, Q = Q_base * S / 100 without flooring or
+  clamping (so q >= 100 is undefined there: factor 0), zero padding to 16. On random images the
+  two conventions differ by up to ~0.5.
+Both: the quality tensor is never modified in place (BasicSR's ``quality_to_factor`` rewrites
+it). ``padding=`` overrides the convention's padding ("edge" or "zero").
 Remaining differences to libjpeg: float DCT, nearest (not "fancy") chroma upsampling, no
 integer rounding of the YCbCr planes and of the decoded pixels.
 """
@@ -57,18 +60,33 @@ _YCBCR_TO_RGB = (
 )
 
 
-def quality_scaled_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """libjpeg quality scaling of the Annex K tables: (luma [B, 8, 8], chroma [B, 8, 8]) float.
+JPEG_CONVENTIONS = ("libjpeg", "basicsr")
+JPEG_PADDINGS = ("edge", "zero")
+
+
+def quality_scaled_tables(
+    quality: torch.Tensor, convention: str = "libjpeg"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quality scaling of the Annex K tables: (luma [B, 8, 8], chroma [B, 8, 8]) float64.
 
     Args:
-        quality: [B] JPEG quality in [1, 100] (integers reproduce libjpeg exactly).
+        quality: [B] JPEG quality. "libjpeg": clamped to [1, 100], integers reproduce libjpeg
+            exactly. "basicsr": used as given (BasicSR draws it from a continuous range), < 100.
+        convention: "libjpeg" (floor, clamp to [1, 255]) or "basicsr" (Q_base^T * S / 100).
     """
-    q = quality.detach().to(torch.float64).clamp(1, 100).view(-1, 1, 1)
+    if convention not in JPEG_CONVENTIONS:
+        raise ValueError(f"JPEG convention must be one of {JPEG_CONVENTIONS}, got {convention!r}")
+    q = quality.detach().to(torch.float64).view(-1, 1, 1)
+    if convention == "libjpeg":
+        q = q.clamp(1, 100)
     scale = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
     tables = []
     for base in (LUMA_QUANT_TABLE, CHROMA_QUANT_TABLE):
         base_t = torch.tensor(base, dtype=torch.float64, device=quality.device)
-        tables.append(torch.floor((base_t * scale + 50.0) / 100.0).clamp(1, 255))
+        if convention == "libjpeg":
+            tables.append(torch.floor((base_t * scale + 50.0) / 100.0).clamp(1, 255))
+        else:  # BasicSR: transposed tables (row = horizontal frequency), factor S / 100
+            tables.append(base_t.T * (scale / 100.0))
     return tables[0], tables[1]
 
 
@@ -87,14 +105,28 @@ class DiffJPEG(nn.Module):
     Args:
         differentiable: round with ``round(x) + (x - round(x))^3`` (Shin & Song 2017, as BasicSR)
             so gradients reach the input; False uses exact rounding.
+        convention: "libjpeg" (bir) or "basicsr" (Real-ESRGAN / DiffBIR training): the
+            quantisation tables and the default padding, see the module docstring.
+        padding: "edge" or "zero" padding of partial 16x16 MCUs; None: the convention's
+            (libjpeg: edge, basicsr: zero).
 
     Call: ``jpeg(img [B, 3, H, W] in [0, 1], quality Tensor[B])`` -> [B, 3, H, W] in [0, 1].
     Neither input is modified.
     """
 
-    def __init__(self, differentiable: bool = False) -> None:
+    def __init__(
+        self, differentiable: bool = False, convention: str = "libjpeg", padding: str | None = None
+    ) -> None:
         super().__init__()
-        self.differentiable = differentiable
+        if convention not in JPEG_CONVENTIONS:
+            raise ValueError(
+                f"DiffJPEG convention must be one of {JPEG_CONVENTIONS}, got {convention!r}"
+            )
+        if padding is None:
+            padding = "edge" if convention == "libjpeg" else "zero"
+        if padding not in JPEG_PADDINGS:
+            raise ValueError(f"DiffJPEG padding must be one of {JPEG_PADDINGS}, got {padding!r}")
+        self.differentiable, self.convention, self.padding = differentiable, convention, padding
         d = dct_matrix(8, dtype=torch.float64)
         self.register_buffer("dct_2d", torch.kron(d, d).float(), persistent=False)
         self.register_buffer("rgb_to_ycbcr", torch.tensor(_RGB_TO_YCBCR), persistent=False)
@@ -132,13 +164,13 @@ class DiffJPEG(nn.Module):
         rgb = torch.matmul(self.ycbcr_to_rgb.to(dtype), ycc)
         return rgb.clamp(0, 255).reshape(n, 3, 16, 16)
 
-    @staticmethod
-    def _to_mcus(img: torch.Tensor) -> torch.Tensor:
+    def _to_mcus(self, img: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] (H, W not necessarily multiples of 16) -> [B * nh * nw, 3, 16, 16] in
-        [0, 255], partial MCUs filled by edge replication as libjpeg does."""
+        [0, 255], partial MCUs filled by edge replication (libjpeg) or zeros (BasicSR)."""
         b, _, h, w = img.shape
         pad_h, pad_w = (-h) % 16, (-w) % 16
-        x = F.pad(img, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else img
+        mode = "replicate" if self.padding == "edge" else "constant"
+        x = F.pad(img, (0, pad_w, 0, pad_h), mode=mode) if pad_h or pad_w else img
         nh, nw = x.shape[-2] // 16, x.shape[-1] // 16
         x = (x * 255.0).reshape(b, 3, nh, 16, nw, 16).permute(0, 2, 4, 1, 3, 5)
         return x.reshape(b * nh * nw, 3, 16, 16)
@@ -149,12 +181,22 @@ class DiffJPEG(nn.Module):
         x = mcus.reshape(b, nh, nw, 3, 16, 16).permute(0, 3, 1, 4, 2, 5)
         return (x.reshape(b, 3, nh * 16, nw * 16) / 255.0)[:, :, :h, :w]
 
+    def _tables(self, quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(luma [N, 64], chroma [N, 64]) for qualities [N] in this module's convention."""
+        if self.convention == "basicsr" and bool((quality >= 100).any()):
+            raise ValueError(
+                "DiffJPEG(convention='basicsr') needs quality < 100 (its table factor is 0 at "
+                "100); lower the JPEG quality range"
+            )
+        luma, chroma = quality_scaled_tables(quality, self.convention)
+        return luma.reshape(-1, 64), chroma.reshape(-1, 64)
+
     def forward(self, img: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         b, c, h, w = img.shape
         if c != 3:
             raise ValueError(f"DiffJPEG expects RGB images [B, 3, H, W], got {tuple(img.shape)}")
         quality = torch.as_tensor(quality, device=img.device).reshape(-1).expand(b)
-        luma, chroma = (t.reshape(b, 64) for t in quality_scaled_tables(quality))
+        luma, chroma = self._tables(quality)
         mcus = self._to_mcus(img)
         per_image = mcus.shape[0] // b
         out = self._codec_mcus(
@@ -175,7 +217,7 @@ class DiffJPEG(nn.Module):
                 raise ValueError(f"compress_list expects [1, 3, h, w] images, got {tuple(x.shape)}")
         quality = torch.as_tensor(quality, device=images[0].device).reshape(-1)
         quality = quality.expand(len(images))
-        luma, chroma = (t.reshape(-1, 64) for t in quality_scaled_tables(quality))
+        luma, chroma = self._tables(quality)
         mcus = [self._to_mcus(x) for x in images]
         counts = torch.tensor([m.shape[0] for m in mcus], device=luma.device)
         out = self._codec_mcus(

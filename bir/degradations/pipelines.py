@@ -23,16 +23,21 @@ import torch
 import torch.nn as nn
 
 from bir.degradations.filters import (
+    correlate_valid,
     crop_from_canvas,
     filter2d,
-    filter2d_valid,
     reflect_pad,
     usm_sharp,
 )
 from bir.degradations.jpeg import DiffJPEG
 from bir.degradations.kernels import draw_mixed_kernel_params, draw_sinc_params, kernels_from_params
-from bir.degradations.noise import add_gaussian_noise, add_poisson_noise
-from bir.degradations.resize import RESIZE_MODES, resize
+from bir.degradations.noise import (
+    BT601_LUMA,
+    POISSON_LEVELS,
+    add_gaussian_noise,
+    add_poisson_noise,
+)
+from bir.degradations.resize import RESIZE_MODES, resize, resize_by_factor
 from bir.random import choice, uniform
 
 REAL_ESRGAN_KERNELS = (
@@ -120,7 +125,7 @@ def _filter_ragged(images: list[torch.Tensor], kernels: torch.Tensor) -> list[to
             ]
         )
         filtered = crop_from_canvas(
-            filter2d_valid(canvas, kernels[group]), [sizes[i] for i in group]
+            correlate_valid(canvas, kernels[group]), [sizes[i] for i in group]
         )
         for i, x in zip(group, filtered):
             out[i] = x
@@ -153,16 +158,24 @@ class SecondOrderDegradation(nn.Module):
     ``second_blur_prob``), then in random order (50/50) [resize to H/scale + sinc filter] and
     JPEG; finally resized back to the GT size (``resize_back_mode``, DiffBIR) and rounded to 8 bit.
 
-    Deviations from the reference (documented on purpose):
+    Deviations from the reference (BasicSR's ``RealESRGANModel.feed_data``), on purpose; the
+    ones marked (*) are options whose BasicSR setting reproduces the released training data
+    (``conf/degradation/second_order_basicsr.yaml``):
     - every parameter (incl. resize direction, scale and mode, which Real-ESRGAN draws once per
-      batch) is drawn per sample from that sample's generator;
-    - stage-1 resize targets floor(H * scale) by ``size=`` (the reference passes
-      ``scale_factor``, which maps coordinates with the scale instead of the size ratio);
-    - Poisson noise uses a fixed 256 levels (``noise.POISSON_LEVELS``);
+      batch) is drawn per sample from that sample's generator: each sample's distribution is
+      the reference's, only the correlation within a batch is gone;
+    - (*) ``stage1_resize="size"``: stage-1 resize targets floor(H * scale) by ``size=``
+      (the reference, "scale_factor", maps coordinates with the scale instead of the size ratio);
+    - (*) ``poisson_levels=256``: Poisson noise with a fixed 256 levels (``noise.POISSON_LEVELS``;
+      the reference, "unique", counts each image's distinct 8-bit values), gray noise from BT.601
+      luma (the reference uses torchvision's 0.2989 red weight: ``gray_weights``);
+    - (*) ``jpeg_convention="libjpeg"``: JPEG tables as libjpeg, edge padding (see
+      ``jpeg.DiffJPEG``), integer qualities (``jpeg_integer_quality``; the reference draws a
+      continuous quality);
     - no training-pair shuffle queue (it would mix samples across batches and break per-sample
       reproducibility).
 
-    All constructor arguments are the Real-ESRGAN / DiffBIR defaults.
+    All other constructor arguments are the Real-ESRGAN / DiffBIR defaults.
     """
 
     def __init__(
@@ -206,10 +219,28 @@ class SecondOrderDegradation(nn.Module):
         jpeg_range2: Sequence[float] = (30.0, 95.0),
         final_sinc_prob: float = 0.8,
         final_sinc_cutoff: Sequence[float] = (math.pi / 3, math.pi),
+        jpeg_convention: str = "libjpeg",
+        jpeg_padding: str | None = None,
+        jpeg_integer_quality: bool = True,
+        poisson_levels: float | str = POISSON_LEVELS,
+        gray_weights: Sequence[float] = BT601_LUMA,
+        stage1_resize: str = "size",
     ) -> None:
         super().__init__()
         if resize_back_mode not in RESIZE_MODES:
             raise ValueError(f"resize_back_mode must be one of {RESIZE_MODES}")
+        if stage1_resize not in ("size", "scale_factor"):
+            raise ValueError(
+                f"stage1_resize must be 'size' or 'scale_factor', got {stage1_resize!r}"
+            )
+        if not (poisson_levels == "unique" or isinstance(poisson_levels, (int, float))):
+            raise ValueError(f"poisson_levels must be a number or 'unique', got {poisson_levels!r}")
+        self.stage1_resize = stage1_resize
+        self.jpeg_integer_quality = jpeg_integer_quality
+        self.poisson_levels = (
+            poisson_levels if poisson_levels == "unique" else float(poisson_levels)
+        )
+        self.gray_weights = tuple(float(w) for w in gray_weights)
         self.scale, self.resize_back, self.resize_back_mode = scale, resize_back, resize_back_mode
         self.use_sharpener = use_sharpener
         self.usm = dict(weight=usm_weight, radius=usm_radius, threshold=usm_threshold)
@@ -250,7 +281,11 @@ class SecondOrderDegradation(nn.Module):
                 jpeg_range=tuple(jpeg_range2),
             ),
         ]
-        self.jpeg = DiffJPEG(differentiable=False)
+        self.jpeg = DiffJPEG(differentiable=False, convention=jpeg_convention, padding=jpeg_padding)
+
+    def _quality(self, g: torch.Generator, quality_range: Sequence[float]) -> float:
+        q = uniform(g, *quality_range)
+        return round(q) if self.jpeg_integer_quality else q
 
     def draw_params(self, g: torch.Generator) -> dict:
         """Every random parameter of one sample, drawn in a fixed order from ``g`` (JSON-able)."""
@@ -276,14 +311,14 @@ class SecondOrderDegradation(nn.Module):
                 p["noise"], p["noise_sigma"] = "gaussian", uniform(g, *st["noise_range"])
             else:
                 p["noise"], p["poisson_scale"] = "poisson", uniform(g, *st["poisson_scale_range"])
-            p["jpeg_quality"] = round(uniform(g, *st["jpeg_range"]))
+            p["jpeg_quality"] = self._quality(g, st["jpeg_range"])
             params[f"stage{n}"] = p
         params["final_sinc"] = draw_sinc_params(
             g, self.final_sinc_prob, self.kernel_sizes, self.final_sinc_cutoff
         )
         params["final_resize_mode"] = choice(g, self.resize_modes)
         params["sinc_before_jpeg"] = uniform(g, 0.0, 1.0) < 0.5
-        params["final_jpeg_quality"] = round(uniform(g, *self.stages[1]["jpeg_range"]))
+        params["final_jpeg_quality"] = self._quality(g, self.stages[1]["jpeg_range"])
         return params
 
     def _stage(
@@ -292,8 +327,12 @@ class SecondOrderDegradation(nn.Module):
         params: list[dict],
         generators: Sequence[torch.Generator],
         target_sizes: list[tuple[int, int]],
+        by_factor: bool = False,
     ) -> list[torch.Tensor]:
-        """Blur -> resize -> noise -> JPEG for one stage (``params`` are that stage's dicts)."""
+        """Blur -> resize -> noise -> JPEG for one stage (``params`` are that stage's dicts).
+
+        ``by_factor``: resize with ``scale_factor=`` (BasicSR's stage 1) instead of ``size=``.
+        """
         device = images[0].device
         blur = [i for i, p in enumerate(params) if p["blur"]]
         if blur:
@@ -304,7 +343,15 @@ class SecondOrderDegradation(nn.Module):
             images = list(images)
             for i, x in zip(blur, blurred):
                 images[i] = x
-        images = [resize(x, s, p["resize_mode"]) for x, s, p in zip(images, target_sizes, params)]
+        if by_factor:
+            images = [
+                resize_by_factor(x, p["resize_scale"], p["resize_mode"])
+                for x, p in zip(images, params)
+            ]
+        else:
+            images = [
+                resize(x, s, p["resize_mode"]) for x, s, p in zip(images, target_sizes, params)
+            ]
         noisy = []
         for x, p, g in zip(images, params, generators):
             if p["noise"] == "gaussian":
@@ -312,7 +359,16 @@ class SecondOrderDegradation(nn.Module):
                     add_gaussian_noise(x, [p["noise_sigma"] / 255.0], [p["gray_noise"]], [g])
                 )
             else:
-                noisy.append(add_poisson_noise(x, [p["poisson_scale"]], [p["gray_noise"]], [g]))
+                noisy.append(
+                    add_poisson_noise(
+                        x,
+                        [p["poisson_scale"]],
+                        [p["gray_noise"]],
+                        [g],
+                        levels=self.poisson_levels,
+                        gray_weights=self.gray_weights,
+                    )
+                )
         return _jpeg_ragged(noisy, self.jpeg, [p["jpeg_quality"] for p in params])
 
     def forward(self, gt: torch.Tensor, generators: Sequence[torch.Generator]) -> DegradationResult:
@@ -328,7 +384,13 @@ class SecondOrderDegradation(nn.Module):
             (int(h * p["stage1"]["resize_scale"]), int(w * p["stage1"]["resize_scale"]))
             for p in params
         ]
-        images = self._stage(images, [p["stage1"] for p in params], generators, sizes1)
+        images = self._stage(
+            images,
+            [p["stage1"] for p in params],
+            generators,
+            sizes1,
+            by_factor=self.stage1_resize == "scale_factor",
+        )
         # Stage 2: sizes relative to the final LQ size H / scale (Real-ESRGAN).
         sizes2 = [
             (

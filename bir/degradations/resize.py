@@ -30,6 +30,21 @@ def resize(img: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return F.interpolate(img, size=size, mode=mode, **kwargs)
 
 
+def resize_by_factor(img: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+    """Resize [B, C, H, W] with ``F.interpolate(scale_factor=scale)`` as BasicSR's stage 1 does.
+
+    The output is floor(H * scale) x floor(W * scale), as with :func:`resize` to that size, but
+    bilinear / bicubic map output pixel x to input (x + 0.5) / scale - 0.5 (the given scale, not
+    the ratio of the sizes). A scale of 1 returns a copy.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if scale == 1:
+        return img.clone()
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(img, scale_factor=float(scale), mode=mode, **kwargs)
+
+
 def random_resize(
     images: Sequence[torch.Tensor],
     sizes: Sequence[tuple[int, int]],

@@ -80,3 +80,53 @@ def test_ragged_canvas_jpeg_equals_per_image():
     batched = crop_from_canvas(jpeg(canvas, torch.tensor([40, 70, 90])), sizes)
     for x, q, y in zip(images, [40, 70, 90], batched):
         torch.testing.assert_close(y, jpeg(x, torch.tensor([q])), atol=1e-5, rtol=0)
+
+
+def test_basicsr_quality_tables_are_transposed_and_unfloored():
+    luma, chroma = quality_scaled_tables(torch.tensor([37.5, 80.0]), convention="basicsr")
+    base = torch.tensor(LUMA_QUANT_TABLE, dtype=torch.float64)
+    torch.testing.assert_close(luma[0], base.T * (5000 / 37.5) / 100)
+    torch.testing.assert_close(luma[1], base.T * 0.4)  # S = 200 - 160 = 40
+    assert chroma[1, 0, 0] == pytest.approx(17 * 0.4) and chroma[1, 0, 3] == pytest.approx(47 * 0.4)
+    with pytest.raises(ValueError, match="convention"):
+        quality_scaled_tables(torch.tensor([50]), convention="pil")
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_basicsr_convention_equals_basicsr_diffjpeg(differentiable):
+    """Random images (sizes not multiples of 16: zero padding), continuous per-sample qualities."""
+    basicsr_jpeg = pytest.importorskip("basicsr.utils.diffjpeg")
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 3, 40, 72, generator=g)
+    quality = torch.rand(4, generator=g) * 65 + 30
+    ref = basicsr_jpeg.DiffJPEG(differentiable=differentiable)(x.clone(), quality.clone())
+    q_before = quality.clone()
+    ours = DiffJPEG(differentiable=differentiable, convention="basicsr")(x, quality)
+    assert torch.equal(quality, q_before)  # BasicSR rewrites its quality tensor; bir does not
+    torch.testing.assert_close(ours, ref.detach(), atol=2e-6, rtol=0)
+    # bir's libjpeg convention is a different codec on the same input (tables and padding)
+    assert (DiffJPEG(differentiable=differentiable)(x, quality) - ref).abs().max() > 0.2
+    # compress_list (ragged) takes the same convention
+    ragged = DiffJPEG(convention="basicsr").compress_list([x[:1], x[1:2, :, :33, :17]], quality[:2])
+    single = DiffJPEG(convention="basicsr")(x[1:2, :, :33, :17], quality[1:2])
+    torch.testing.assert_close(ragged[1], single, atol=1e-6, rtol=0)
+
+
+def test_padding_option_zero_vs_edge():
+    x = torch.full((1, 3, 20, 20), 0.8)
+    edge = DiffJPEG(padding="edge")(x, torch.tensor([50]))
+    zero = DiffJPEG(padding="zero")(x, torch.tensor([50]))
+    # a flat image stays flat with edge padding; zeros beyond the border leak into the last MCU
+    assert (edge - 0.8).abs().max() < 3 / 255
+    assert (zero[..., 16:, 16:] - 0.8).abs().max() > 5 / 255
+    torch.testing.assert_close(zero[..., :16, :16], edge[..., :16, :16], atol=1e-6, rtol=0)
+    assert DiffJPEG(convention="basicsr").padding == "zero" and DiffJPEG().padding == "edge"
+
+
+def test_basicsr_convention_rejects_quality_100_and_bad_options():
+    with pytest.raises(ValueError, match="quality < 100"):
+        DiffJPEG(convention="basicsr")(torch.rand(1, 3, 16, 16), torch.tensor([100.0]))
+    with pytest.raises(ValueError, match="convention"):
+        DiffJPEG(convention="opencv")
+    with pytest.raises(ValueError, match="padding"):
+        DiffJPEG(padding="reflect")

@@ -101,3 +101,66 @@ def test_noise_is_per_sample_deterministic():
     )
     b = add_gaussian_noise(img[1:2], [0.1], [False], [torch.Generator().manual_seed(6)])
     torch.testing.assert_close(a[1:2], b, atol=0, rtol=0)
+
+
+def test_poisson_unique_levels_equals_basicsr_math_with_the_same_draws(monkeypatch):
+    """levels="unique" + torchvision luma = BasicSR's add_poisson_noise_pt, both sides given the
+    same deterministic stand-in for ``torch.poisson`` (a function of the mean)."""
+    basicsr_deg = pytest.importorskip("basicsr.data.degradations")
+    from bir.degradations import TORCHVISION_LUMA, unique_levels
+
+    def fake_poisson(lam, generator=None):
+        return torch.floor(lam * 1.25 + 0.375)
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(3, 3, 24, 20, generator=g)
+    img[1] = (img[1] * 40).round() / 255  # few distinct levels: a count of 64, not 256
+    scale = torch.tensor([0.5, 2.0, 1.3])
+    gray = torch.tensor([0.0, 1.0, 1.0])
+    monkeypatch.setattr(torch, "poisson", fake_poisson)
+    ref = basicsr_deg.add_poisson_noise_pt(img, scale=scale, gray_noise=gray, clip=True)
+    ours = add_poisson_noise(
+        img, scale, gray.bool(), [g] * 3, levels="unique", gray_weights=TORCHVISION_LUMA
+    )
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    assert unique_levels(torch.arange(0, 41).long()) == 64.0
+    assert unique_levels(torch.arange(256).long()) == 256.0
+    # the fixed 256 levels are a different noise on the image with few levels
+    fixed = add_poisson_noise(img, scale, gray.bool(), [g] * 3, gray_weights=TORCHVISION_LUMA)
+    assert not torch.equal(fixed[1], ref[1])
+
+
+def test_poisson_levels_validation():
+    with pytest.raises(ValueError, match="levels"):
+        add_poisson_noise(torch.rand(1, 3, 4, 4), [1.0], [False], [torch.Generator()], levels=0)
+
+
+def test_fft_path_equals_direct_filtering_and_subnormals_are_flushed():
+    """Kernels of >= FFT_MIN_SIZE go through the FFT: equal to the direct grouped convolution
+    up to float32 round-off, and each sample's result does not depend on its batch."""
+    from bir.degradations.filters import FFT_MIN_SIZE, filter2d_valid, flush_subnormal
+
+    g = torch.Generator().manual_seed(0)
+    k = FFT_MIN_SIZE + 4
+    kernels = torch.rand(3, k, k, generator=g)
+    kernels[0, :, : k // 2] = 0  # asymmetric: catches a flipped kernel
+    kernels = kernels / kernels.sum(dim=(-2, -1), keepdim=True)
+    img = torch.rand(3, 2, 40, 29, generator=g)
+    direct = filter2d_valid(reflect_pad(img, k // 2, k // 2, k // 2, k // 2), kernels)
+    fft = filter2d(img, kernels)
+    torch.testing.assert_close(fft, direct, atol=2e-6, rtol=0)
+    torch.testing.assert_close(filter2d(img[1:2], kernels[1:2]), fft[1:2], atol=0, rtol=0)
+    tiny = torch.finfo(torch.float32).tiny
+    flushed = flush_subnormal(torch.tensor([0.5, tiny, tiny / 4, -tiny / 8, 0.0]))
+    assert flushed.tolist() == [0.5, tiny, 0.0, 0.0, 0.0]
+
+
+def test_kernels_have_no_subnormal_entries():
+    from bir.degradations import build_kernels
+
+    kernels = build_kernels(["iso", "generalized_iso"], [21, 21], pad_to=21,
+                            sigma_x=torch.tensor([0.2, 0.3]), sigma_y=torch.tensor([0.2, 0.3]),
+                            beta=torch.tensor([1.0, 4.0]))  # fmt: skip
+    nonzero = kernels[kernels != 0]
+    assert nonzero.abs().min() >= torch.finfo(torch.float32).tiny
+    assert (kernels == 0).any()  # the far tails underflow (they would be subnormal otherwise)

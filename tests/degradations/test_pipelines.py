@@ -123,6 +123,7 @@ def test_identity_pipeline():
     [
         ("second_order", SecondOrderDegradation),
         ("second_order_tiny", SecondOrderDegradation),
+        ("second_order_basicsr", SecondOrderDegradation),
         ("single_stage", SingleStageDegradation),
         ("single_stage_face", SingleStageDegradation),
         ("none", IdentityDegradation),
@@ -137,6 +138,47 @@ def test_configs_instantiate_with_documented_numbers(name, cls):
         assert pipeline.final_sinc_prob == 0.8 and pipeline.kernel_pad_to == 21
     if name == "single_stage_face":
         assert pipeline.blur_sigma == (0.1, 10.0) and pipeline.jpeg_range == (60, 100)
+    if name == "second_order":
+        assert pipeline.jpeg.convention == "libjpeg" and pipeline.jpeg.padding == "edge"
+        assert pipeline.poisson_levels == 256 and pipeline.stage1_resize == "size"
+    if name == "second_order_basicsr":  # BasicSR's conventions, Real-ESRGAN's numbers
+        assert pipeline.jpeg.convention == "basicsr" and pipeline.jpeg.padding == "zero"
+        assert pipeline.poisson_levels == "unique" and pipeline.stage1_resize == "scale_factor"
+        assert pipeline.gray_weights == (0.2989, 0.587, 0.114)
+        assert not pipeline.jpeg_integer_quality and pipeline.kernel_pad_to == 21
+        result = pipeline(_gt(2, 48), sample_generators(0, [0, 1]))
+        assert result.lq.shape == (2, 3, 48, 48)
+        qualities = [p["stage1"]["jpeg_quality"] for p in result.params]
+        assert all(30 <= q <= 95 and q != round(q) for q in qualities)  # continuous, as BasicSR
     if name == "second_order_tiny":
         result = pipeline(_gt(2, 32), sample_generators(0, [0, 1]))
         assert result.lq.shape == (2, 3, 32, 32)
+
+
+def test_basicsr_preset_stage_equals_basicsr_ops():
+    """One stage of the basicsr preset (noise off) = BasicSR's filter2D, F.interpolate with
+    scale_factor, clamp and DiffJPEG on the same kernel, scale, mode and quality."""
+    img_process = pytest.importorskip("basicsr.utils.img_process_util")
+    basicsr_jpeg = pytest.importorskip("basicsr.utils.diffjpeg")
+    import torch.nn.functional as F
+
+    from bir.degradations import kernels_from_params
+
+    cfg = _compose("second_order_basicsr")
+    pipeline = instantiate(cfg, noise_range=[0, 0], gaussian_noise_prob=1.0)
+    gt = _gt(4, 48)
+    gens = sample_generators(7, range(4))
+    params = [pipeline.draw_params(g)["stage1"] for g in gens]
+    sizes = [(int(48 * p["resize_scale"]),) * 2 for p in params]
+    ours = pipeline._stage(list(gt.split(1)), params, gens, sizes, by_factor=True)
+    jpeg = basicsr_jpeg.DiffJPEG(differentiable=False)
+    for i, p in enumerate(params):
+        kernel = kernels_from_params([p["kernel"]], 21)
+        x = img_process.filter2D(gt[i : i + 1], kernel)
+        x = F.interpolate(x, scale_factor=p["resize_scale"], mode=p["resize_mode"])
+        x = jpeg(x.clamp(0, 1).contiguous(), quality=torch.tensor([p["jpeg_quality"]]))
+        assert ours[i].shape == x.shape
+        torch.testing.assert_close(ours[i], x, atol=1e-5, rtol=0)
+    assert len({p["resize_mode"] for p in params}) > 1 and any(
+        p["resize_scale"] != 1 for p in params
+    )
