@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-all lint bench bench-quality clean
+.PHONY: install demo test test-all lint bench bench-quality gpu-check clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -39,6 +39,19 @@ bench: install
 
 bench-quality: install
 	$(PY) -m bir.bench_quality quality --quick
+
+# Speed and memory at real size on one CUDA GPU (random weights, <= 8 min on an H100/H200);
+# prints one Markdown table. Without CUDA it says so and stops; `--smoke` is the CPU path.
+gpu-check: install
+	$(PY) scripts/gpu_check.py
+
+# A one-node SLURM cluster on this machine (installs slurm-wlm and munge with apt-get as root);
+# the SLURM tests (tests/test_slurm.py, marked slow) start it themselves when it is not running.
+slurm-up:
+	bash scripts/slurm_local.sh up
+
+slurm-down:
+	bash scripts/slurm_local.sh down
 
 clean:
 	rm -rf outputs multirun .cache .pytest_cache

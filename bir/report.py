@@ -5,8 +5,10 @@
 Every job folder of the sweep holds ``.hydra/overrides.yaml`` (what was swept) and
 ``.hydra/config.yaml``. Metrics come from the job's predict summary (``<output>/metrics.csv``,
 averaged over images) or from its training logs (``csv/metrics.csv``, last logged value of each
-column), whichever exists. The plot shows each metric against the swept value that varies, one line
-per setting of the other swept keys (e.g. PSNR against guidance scale, adaptive vs fixed).
+column), whichever exists. Jobs are named by their swept values (``guidance_scale=1000
+adaptive_scale=true``). The plot shows each metric that varies against the first numeric swept key,
+one line per setting of the other swept keys (e.g. PSNR against guidance scale, adaptive vs fixed),
+on a log axis when that key spans decades.
 """
 
 from __future__ import annotations
@@ -62,12 +64,18 @@ def job_metrics(job: Path, config: dict) -> dict[str, float]:
     return out
 
 
+def _job_number(job: Path) -> tuple:
+    """Sort key: Hydra's job number (folder ``<num>`` or ``<num>_...``), then the path."""
+    head = job.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else math.inf, str(job))
+
+
 def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job: its overrides (as columns) and its metrics."""
+    """One row per job, in job-number order: its overrides (as columns) and its metrics."""
     rows = []
-    for ov in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
-        job = ov.parent.parent
-        overrides = yaml.safe_load(ov.read_text()) or []
+    jobs = [ov.parent.parent for ov in sweep_dir.rglob(".hydra/overrides.yaml")]
+    for job in sorted(jobs, key=_job_number):
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         cfg_path = job / ".hydra" / "config.yaml"
         config = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
         row: dict = {"job": str(job.relative_to(sweep_dir))}
@@ -82,8 +90,39 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def swept_keys(rows: list[dict], metric_keys: set[str]) -> list[str]:
+    """Override keys whose value differs between jobs (in command-line order)."""
     keys = [k for k in rows[0] if k != "job" and k not in metric_keys] if rows else []
     return [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+
+
+def constant_columns(rows: list[dict], keys) -> list[str]:
+    """Keys with one value in every job (``images`` when every job restored the same set)."""
+    return [k for k in keys if len({str(r.get(k)) for r in rows}) == 1]
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Shortest dotted suffix of each key that is unique among ``keys``
+    (``method.guidance_scale`` -> ``guidance_scale``)."""
+    names = {}
+    for k in keys:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            cand = ".".join(parts[-n:])
+            if all(o == k or not (o == cand or o.endswith("." + cand)) for o in keys):
+                break
+        names[k] = cand
+    return names
+
+
+def job_label(row: dict, swept: list[str], names: dict[str, str]) -> str:
+    """The swept values of a job, ``guidance_scale=1000 adaptive_scale=false``."""
+    return " ".join(f"{names[k]}={row.get(k)}" for k in swept) or row["folder"]
+
+
+def log_scale(values: list[float]) -> bool:
+    """A log axis when the values are positive and span at least 1.5 decades (x30),
+    e.g. guidance scales 1e3 ... 8e4; evenly spaced values keep a linear axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 30
 
 
 def to_markdown(rows: list[dict], columns: list[str]) -> str:
@@ -99,7 +138,8 @@ def to_markdown(rows: list[dict], columns: list[str]) -> str:
 
 def plot(
     rows: list[dict], x_key: str, group_keys: list[str], metrics: list[str], path: Path
-) -> None:
+) -> dict[str, str]:
+    """One panel per metric against ``x_key``; returns each panel's x scale (linear / log)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,56 +148,80 @@ def plot(
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     groups = defaultdict(list)
     for r in rows:
-        groups[tuple(str(r.get(k)) for k in group_keys)].append(r)
+        groups[tuple(f"{k.rsplit('.', 1)[-1]}={r.get(k)}" for k in group_keys)].append(r)
     for ax, m in zip(axes[0], metrics):
         for g, rs in sorted(groups.items()):
             pts = sorted((_num(r.get(x_key)), r.get(m)) for r in rs
                          if _num(r.get(x_key)) is not None and r.get(m) is not None)  # fmt: skip
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=", ".join(g) or None)
+                ax.plot(*zip(*pts), marker="o", label=" ".join(g) or None)
         ax.set_xlabel(x_key)
         ax.set_ylabel(m)
+        if log_scale([_num(r.get(x_key)) for r in rows]):
+            ax.set_xscale("log")
         if len(groups) > 1:
             ax.legend(fontsize=7)
+    scales = {m: ax.get_xscale() for ax, m in zip(axes[0], metrics)}
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return scales
 
 
 def report(
     sweep_dir: str | Path, metrics: list[str] | None = None, out: str | Path | None = None
 ) -> dict:
-    """Write ``report.csv``, ``report.md`` and ``report.png`` for a multirun folder."""
+    """Write ``report.csv``, ``report.md`` and ``report.png`` for a multirun folder.
+
+    Jobs are named by their swept values. The CSV keeps every column (and the job folder); the
+    Markdown table and the plot leave out columns with one value in every job, which are listed
+    once above the table instead. The plot has one panel per numeric metric that varies.
+    """
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no Hydra job folders (.hydra/overrides.yaml) under {sweep_dir}")
     out = Path(out) if out else sweep_dir
-    metric_keys = {k for r in rows for k in r} - {
-        k for r in rows for k in r if not isinstance(r[k], float)
-    }
+    metric_keys = {k for r in rows for k in r if isinstance(r[k], float)}
+    override_keys = [k for k in rows[0] if k not in metric_keys and k != "job"]
+    override_keys += [k for r in rows for k in r if k not in metric_keys and k != "job"
+                      and k not in override_keys]  # fmt: skip
     swept = swept_keys(rows, metric_keys)
-    chosen = [m for m in (metrics or sorted(metric_keys)) if m in metric_keys]
-    columns = [
-        "job",
-        *[k for k in rows[0] if k not in metric_keys and k != "job"],
-        *sorted(metric_keys),
-    ]
+    names = short_names(swept)
+    for r in rows:
+        r["folder"] = r.pop("job")
+        r["job"] = job_label(r, swept, names)
+    fixed = constant_columns(rows, [*override_keys, *sorted(metric_keys)])
+    varying_metrics = [m for m in sorted(metric_keys) if m not in fixed]
+    chosen = [m for m in (metrics or varying_metrics) if m in metric_keys]
+
+    csv_columns = ["job", *override_keys, *sorted(metric_keys), "folder"]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=csv_columns, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(out / "report.csv", buf.getvalue().encode())
-    md = to_markdown(rows, columns)
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    md = ""
+    if fixed and len(rows) > 1:
+        md = "Same in every job: " + ", ".join(f"{k}={fmt(rows[0].get(k))}" for k in fixed)
+        md += "\n\n"
+    md_metrics = varying_metrics if len(rows) > 1 else sorted(metric_keys)
+    md += to_markdown(rows, ["job", *md_metrics])
     atomic_write_bytes(out / "report.md", md.encode())
     numeric_swept = [k for k in swept if all(_num(r.get(k)) is not None for r in rows)]
+    x_axis = None
     if numeric_swept and chosen:
         x = numeric_swept[0]
-        plot(rows, x, [k for k in swept if k != x], chosen, out / "report.png")
+        scales = plot(rows, x, [k for k in swept if k != x], chosen, out / "report.png")
+        x_axis = {"key": x, "scales": scales}
     print(md)
-    return {"rows": rows, "swept": swept, "metrics": chosen}
+    return {"rows": rows, "swept": swept, "metrics": chosen, "fixed": fixed, "x_axis": x_axis}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -274,7 +274,9 @@ class PixelDDPM(pl.LightningModule):
         logged = False
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key="train/samples", images=[grid], step=self.global_step)
+                # wandb.Image casts tensors to uint8 as they are: give it 0..255, not 0..1
+                rgb8 = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
+                logger.log_image(key="train/samples", images=[rgb8], step=self.global_step)
                 logged = True
             elif hasattr(getattr(logger, "experiment", None), "add_image"):
                 logger.experiment.add_image("train/samples", grid, self.global_step)

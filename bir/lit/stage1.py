@@ -264,9 +264,9 @@ class Stage1Restoration(pl.LightningModule):
         grid = comparison_grid(lq, out, gt)  # 3, H', W' in [0, 1]
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # W&B, Neptune, MLflow-style API
-                logger.log_image(
-                    key=tag, images=[grid.permute(1, 2, 0).numpy()], step=self.global_step
-                )
+                # wandb.Image casts arrays to uint8 as they are: give it 0..255, not 0..1
+                rgb8 = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+                logger.log_image(key=tag, images=[rgb8], step=self.global_step)
                 continue
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):  # TensorBoard
