@@ -230,6 +230,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         choice = hc.get().runtime.choices.get("net") if hc.initialized() else None
         callbacks.append(StoreNetConfig(net_config_record(cfg.net, choice, CONFIG_DIR)))
     logger = instantiate_logger(cfg.get("logger"), cfg)
+    if logger is None:  # logger=none: nothing to monitor into (Lightning would stop the run)
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
     try:
         if cfg.stage == "fit":
