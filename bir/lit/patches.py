@@ -4,11 +4,27 @@ BIR-D (and GDP) restore images larger than the prior's training resolution by sp
 ``patch`` x ``patch`` tiles on a grid of stride ``stride`` (256 / 128 in the papers), running the
 prior on every tile and averaging the tiles' predictions where they overlap. The last tile of each
 row / column is moved flush with the image border, so every pixel is covered whatever the size.
+
+:class:`PatchGridModel` is that grid as a model wrapper: ``(x_t, i) -> ModelOutput`` for an
+image of any size, so a sampler never sees the patches. The released GDP / BIR-D samplers
+(``p_sample`` with ``overlapping_grid_indices``) average the per-patch posterior means and
+log-variances; since the posterior mean is linear in x0 for a fixed x_t, averaging the per-patch
+(clipped) x0 and computing one mean is the same thing.
+
+Difference from the released grid: its position lists always append the last tile, so a side of
+exactly one patch gets the tile twice (a 256 image is 4 identical corners, a 384 side 0, 128,
+128). Averaging identical tiles changes nothing for the network's outputs; here each position is
+used once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
+
+from bir.diffusion.parameterization import ModelOutput
 
 Tensor = torch.Tensor
 
@@ -75,3 +91,75 @@ def fold_patches(patches: Tensor, height: int, width: int, patch: int, stride: i
         total[:, :, top : top + patch, left : left + patch] += tiles[:, k]
         count[:, :, top : top + patch, left : left + patch] += 1
     return (total / count).to(patches.dtype)
+
+
+@dataclasses.dataclass
+class PatchedOutput(ModelOutput):
+    """A :class:`ModelOutput` folded from a patch grid, with the per-patch outputs kept for
+    guidance that works patch by patch (the released BIR-D / GDP losses).
+
+    Attributes:
+        patches: the per-patch outputs, ``[B * N, C, patch, patch]`` in the row order of
+            :func:`extract_patches` (x0 clipped when the wrapper clips).
+        positions: ``(top, left)`` of the N tiles of each image.
+    """
+
+    patches: ModelOutput | None = None
+    positions: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
+class PatchGridModel:
+    """Run ``model`` on the overlapping patch grid of ``x_t`` and average the overlaps.
+
+    Args:
+        model: ``(x_t [b, C, patch, patch], i LongTensor[b]) -> ModelOutput``.
+        patch: tile size (the prior's training resolution).
+        stride: grid stride (None: ``patch // 2``, the papers' 128 for 256).
+        batch_size: tiles per model call (None: all tiles of the batch at once).
+        clip_x0: clamp each tile's x0 to [-1, 1] before averaging (the released code clips per
+            patch; clipping after averaging would not be the same).
+
+    Calling it returns a :class:`PatchedOutput` ``[B, C, H, W]`` with eps, x0 and the
+    log-variance averaged over the tiles covering each pixel. Raises ValueError when a side is
+    smaller than the patch.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor, Tensor], ModelOutput],
+        patch: int,
+        stride: int | None = None,
+        batch_size: int | None = None,
+        clip_x0: bool = True,
+    ):
+        self.model, self.patch = model, int(patch)
+        self.stride = int(stride or max(self.patch // 2, 1))
+        self.batch_size, self.clip_x0 = batch_size, clip_x0
+
+    def positions(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The grid for an image of this size (validates it)."""
+        return grid(height, width, self.patch, self.stride)
+
+    def __call__(self, x_t: Tensor, i: Tensor) -> PatchedOutput:
+        h, w = x_t.shape[-2:]
+        positions = self.positions(h, w)
+        n = len(positions)
+        tiles = extract_patches(x_t, self.patch, self.stride)
+        steps = i.repeat_interleave(n)
+        chunk = self.batch_size or tiles.shape[0]
+        outs = [self.model(tiles[lo : lo + chunk], steps[lo : lo + chunk])
+                for lo in range(0, tiles.shape[0], chunk)]  # fmt: skip
+        eps = torch.cat([o.eps for o in outs])
+        x0 = torch.cat([o.x0 for o in outs])
+        if self.clip_x0:
+            x0 = x0.clamp(-1, 1)
+        log_var = None
+        if outs[0].log_variance is not None:
+            log_var = torch.cat([o.log_variance.expand_as(o.eps) for o in outs])
+        per_patch = ModelOutput(eps=eps, x0=x0, log_variance=log_var)
+
+        def fold(v: Tensor | None) -> Tensor | None:
+            return None if v is None else fold_patches(v, h, w, self.patch, self.stride)
+
+        return PatchedOutput(eps=fold(eps), x0=fold(x0), log_variance=fold(log_var),
+                             patches=per_patch, positions=positions)  # fmt: skip

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bir.operators.base import Operator
+from bir.operators.base import Operator, Shape
 
 
 class Compose(Operator):
@@ -23,16 +23,18 @@ class Compose(Operator):
     def __init__(self, ops: Sequence[Operator]):
         super().__init__()
         self.ops = nn.ModuleList(ops)
-        self.learnable = any(op.learnable for op in self.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for op in self.ops:
             x = op(x)
         return x
 
-    def init_batch(self, batch_size: int, generators: list[torch.Generator] | None = None) -> None:
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
+        """Each part gets the shape of what reaches it (the previous part's output)."""
+        shape = list(shape)
         for op in self.ops:
-            op.init_batch(batch_size, generators)
+            op.init_batch(shape, generators)
+            shape = [*shape[:2], *op.output_size(tuple(shape[-2:]))]
 
     def param_groups(self, lr: float) -> list[dict]:
         return [group for op in self.ops for group in op.param_groups(lr)]
@@ -53,6 +55,15 @@ class Compose(Operator):
 
     def input_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
         for op in reversed(self.ops):
-            if hasattr(op, "input_size"):
-                out_hw = op.input_size(out_hw)
-        return out_hw
+            out_hw = op.input_size(out_hw)
+        return tuple(out_hw)
+
+    def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        for op in self.ops:
+            in_hw = op.output_size(in_hw)
+        return tuple(in_hw)
+
+    def forward_window(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        for op in self.ops:
+            x = op.forward_window(x, top, left)
+        return x

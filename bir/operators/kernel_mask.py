@@ -1,130 +1,215 @@
 """BIR-D's universal degradation model ``y = K * x + M``: a learnable depthwise kernel plus an
-additive mask (Tu et al. 2024, "Taming Generative Diffusion Prior for Universal Blind Image
+additive mask (Tu, Yang & Fei 2024, "Taming Generative Diffusion Prior for Universal Blind Image
 Restoration", the optimisable convolution kernel).
 
-The kernel is a free ``k x k`` filter per colour channel (the reference code uses 9x9, the paper
-text says 7x7) and is *not* constrained to be non-negative or to sum to 1, so it can also model a
-brightness change; the mask ``M`` is one map per image, shared by the colour channels as in the
-reference (``light_mask`` of shape [H, W]). Both are updated by plain gradient descent inside the
-sampler (reference: ``weight - lr * grad``).
+The kernel is a free ``k x k`` filter per colour channel (the released code uses 9x9 for blur
+and 3x3 for low light; the paper text says 7x7) and is *not* constrained to be non-negative or to
+sum to 1, so it can also model a brightness change; the mask ``M`` is one map per image, shared
+by the colour channels as the released ``light_mask`` ([H, W]). Both are updated by plain
+gradient descent inside the sampler (released code: ``weight - lr * grad``).
+
+Released-code conventions, which are this operator's defaults: ``nn.Conv2d`` (cross-correlation,
+``correlate=True``) with zero padding ``k // 2`` on the [0, 1] image, initial kernel
+``gkern(9, 2)`` (``init="gkern"``), mask ``rand / 10000``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bir.operators.base import Operator, additive_mask_for
+from bir.operators.base import Operator, Shape, additive_mask, batch_size_of, draw_uniform
 
-#: torch ``F.pad`` modes by the names used in configs
-PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant"}
+#: torch ``F.pad`` modes by the names used in configs; ``valid`` does not pad (output shrinks)
+PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant", "valid": None}
+INITS = ("gkern", "gaussian", "delta", "rand")
 
 
 def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
-    """Isotropic Gaussian ``[size, size]`` (odd size) centred on the middle tap, sums to 1."""
+    """Isotropic Gaussian ``[size, size]`` (odd size) sampled at the taps, sums to 1."""
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
     return (g / g.sum()).float()
 
 
+def gkern(size: int, nsig: float) -> torch.Tensor:
+    """The GDP / BIR-D scripts' ``gkern(kernlen, nsig)``: ``[size, size]``, sums to 1.
+
+    The 1-D profile is the standard normal's probability mass in ``size`` equal bins spanning
+    ``[-nsig - h/2, nsig + h/2]`` with ``h = (2 nsig + 1) / size``; the 2-D kernel is the square
+    root of the outer product of the profile with itself, normalised. (``gkern(9, 2)`` peaks at
+    0.0252, a sampled Gaussian of sigma 2.5 at 0.0294.) Computed in float64.
+    """
+    h = (2 * nsig + 1.0) / size
+    edges = torch.linspace(-nsig - h / 2, nsig + h / 2, size + 1, dtype=torch.float64)
+    profile = torch.diff(torch.special.ndtr(edges))
+    raw = torch.sqrt(torch.outer(profile, profile))
+    return (raw / raw.sum()).float()
+
+
 def depthwise_convolve(
-    x: torch.Tensor, kernel: torch.Tensor, padding: str = "reflect"
+    x: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros", correlate: bool = True
 ) -> torch.Tensor:
-    """Convolve image ``b``, channel ``c`` with ``kernel[b, c]``; output the size of the input.
+    """Filter image ``b``, channel ``c`` with ``kernel[b, c]``.
 
     Args:
         x: ``[B, C, H, W]``.
-        kernel: ``[B, C, k, k]`` (odd k); a true convolution (kernel flipped), like
-            ``bir.operators.blur``. The BIR-D code cross-correlates; for a learned kernel that
-            only mirrors the estimate.
-        padding: ``reflect`` | ``circular`` | ``zeros``.
+        kernel: ``[B or 1, C, k, k]`` (odd k).
+        padding: ``zeros`` | ``reflect`` | ``circular`` (output the size of the input) or
+            ``valid`` (no padding: ``[B, C, H - k + 1, W - k + 1]``, GDP's deblurring blur).
+        correlate: cross-correlate (``nn.Conv2d``, the released code) or flip the kernel for a
+            true convolution.
     Returns:
-        ``[B, C, H, W]``, differentiable w.r.t. both inputs.
+        the filtered batch, differentiable w.r.t. both inputs.
     """
-    b, c, h, w = x.shape
+    b, c = x.shape[:2]
     k = kernel.shape[-1]
-    p = k // 2
-    x = F.pad(x, (p, p, p, p), mode=PADDING_MODES[padding])
-    weight = kernel.to(x.dtype).expand(b, c, k, k).flip(-1, -2).reshape(b * c, 1, k, k)
-    out = F.conv2d(x.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
-    return out.reshape(b, c, h, w)
+    if PADDING_MODES[padding] is not None:
+        p = k // 2
+        x = F.pad(x, (p, p, p, p), mode=PADDING_MODES[padding])
+    weight = kernel.to(x.dtype).expand(b, c, k, k)
+    if not correlate:
+        weight = weight.flip(-1, -2)
+    h, w = x.shape[-2:]
+    out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * c, 1, k, k), groups=b * c)
+    return out.reshape(b, c, *out.shape[-2:])
 
 
 class KernelMaskOperator(Operator):
     """``y = K * x + M`` with a per-image depthwise kernel ``K`` and additive mask ``M``.
 
     Args:
-        kernel_size: odd kernel size k (BIR-D code: 9).
+        kernel_size: odd kernel size k (BIR-D code: 9 for blur, 3 for low light).
         channels: image channels C; the kernel is ``[B, C, k, k]`` (depthwise).
-        init_sigma: the kernel starts as a Gaussian of this sigma in pixels (the reference's
-            hard-coded 9x9 start is a Gaussian of sigma ~2.5); ``None`` starts from a delta.
-        mask_init_scale: the mask starts uniform in ``[0, mask_init_scale)`` (reference 1e-4).
-        use_mask: add ``M`` at all (the reference deblurring script leaves it out of its loss).
+        init: starting kernel: ``gkern`` (the released scripts' ``gkern(k, init_sigma)``),
+            ``gaussian`` (sampled Gaussian of sigma ``init_sigma`` pixels), ``delta``, or ``rand``
+            (uniform in ``[0, init_scale)`` per tap from each image's generator: the low-light
+            script's ``rand / 100``).
+        init_sigma: ``nsig`` of ``gkern`` (2 in the scripts) or the Gaussian's sigma.
+        init_scale: range of the ``rand`` start.
+        init_kernel: an explicit starting kernel ``[k, k]`` or ``[C, k, k]`` (nested list), used
+            as given; overrides ``init`` (the blind and multi-degradation scripts hard-code one).
+        mask_init_scale: the mask starts uniform in ``[0, mask_init_scale)`` (code: 1e-4).
+        use_mask: add ``M`` at all (the deblurring, blind and multi scripts leave it out).
         learn_kernel / learn_mask: whether :meth:`param_groups` offers them to the optimiser.
-        kernel_lr / mask_lr: gradient-descent step sizes (reference: 0.01 for the 9x9 kernel);
-            ``None`` uses the method's default learning rate.
-        padding: ``reflect`` | ``circular`` | ``zeros`` (the reference pads with zeros; reflect
-            avoids dark borders).
+        kernel_lr / mask_lr: gradient-descent step sizes (code: 0.01 for the 9x9 kernel, 1 for
+            the low-light kernel and mask); ``None`` uses the method's default.
+        padding: ``zeros`` (code) | ``reflect`` | ``circular`` | ``valid`` (no padding: the
+            observation is ``k - 1`` pixels smaller, as GDP's deblurring blur).
+        correlate: ``True`` cross-correlates as the code's ``nn.Conv2d``; ``False`` flips the
+            kernel (a true convolution). :meth:`estimate` always reports the convolution PSF.
     """
-
-    learnable = True
 
     def __init__(
         self,
         kernel_size: int = 9,
         channels: int = 3,
-        init_sigma: float | None = 2.5,
+        init: str = "gkern",
+        init_sigma: float = 2.0,
+        init_scale: float = 0.01,
+        init_kernel: Sequence | torch.Tensor | None = None,
         mask_init_scale: float = 1e-4,
         use_mask: bool = True,
         learn_kernel: bool = True,
         learn_mask: bool = True,
         kernel_lr: float | None = 0.01,
         mask_lr: float | None = 0.01,
-        padding: str = "reflect",
+        padding: str = "zeros",
+        correlate: bool = True,
     ):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
-        self.kernel_size, self.channels, self.init_sigma = kernel_size, channels, init_sigma
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        given = None
+        if init_kernel is not None:
+            given = torch.as_tensor(init_kernel, dtype=torch.float32)
+            if given.shape[-2:] != (kernel_size, kernel_size) or given.ndim not in (2, 3):
+                raise ValueError(
+                    f"init_kernel must be [{kernel_size}, {kernel_size}] or "
+                    f"[C, {kernel_size}, {kernel_size}], got {tuple(given.shape)}"
+                )
+        self.kernel_size, self.channels, self.init = kernel_size, channels, init
+        self.init_sigma, self.init_scale, self.given = init_sigma, init_scale, given
         self.mask_init_scale, self.use_mask = mask_init_scale, use_mask
         self.learn_kernel, self.learn_mask = learn_kernel, learn_mask
-        self.kernel_lr, self.mask_lr, self.padding = kernel_lr, mask_lr, padding
-        self.learnable = learn_kernel or (learn_mask and use_mask)
-        self.kernel = nn.Parameter(self.initial_kernel().expand(1, channels, -1, -1).clone())
+        self.kernel_lr, self.mask_lr = kernel_lr, mask_lr
+        self.padding, self.correlate = padding, correlate
+        self.kernel = nn.Parameter(torch.zeros(1, channels, kernel_size, kernel_size))
         self.mask: nn.Parameter | None = None
-        self._generators: list[torch.Generator] | None = None
 
     def initial_kernel(self) -> torch.Tensor:
-        """The starting kernel ``[k, k]`` (sums to 1)."""
+        """The deterministic starting kernel ``[C, k, k]`` (``init`` other than ``rand``)."""
         k = self.kernel_size
-        if self.init_sigma is None:
+        if self.given is not None:
+            return self.given.expand(self.channels, k, k).clone()
+        if self.init == "gkern":
+            start = gkern(k, self.init_sigma)
+        elif self.init == "gaussian":
+            start = gaussian_kernel(k, self.init_sigma)
+        elif self.init == "delta":
             start = torch.zeros(k, k)
             start[k // 2, k // 2] = 1.0
-            return start
-        return gaussian_kernel(k, self.init_sigma)
+        else:
+            raise ValueError("init='rand' has no deterministic start; see init_batch")
+        return start.expand(self.channels, k, k).clone()
 
-    def init_batch(self, batch_size: int, generators: list[torch.Generator] | None = None) -> None:
-        """One kernel per image; the mask is drawn on first use, at the image's size, from
-        ``generators[b]`` (so it does not depend on the batch)."""
-        start = self.initial_kernel().to(self.kernel.device)
-        self.kernel = nn.Parameter(start.expand(batch_size, self.channels, -1, -1).clone())
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
+        """One kernel per image and, with ``use_mask``, one mask at the observation's size."""
+        b = batch_size_of(shape, generators)
+        device = generators[0].device if generators else self._device()
+        k = self.kernel_size
+        if self.init == "rand" and self.given is None and generators is not None:
+            start = draw_uniform((self.channels, k, k), generators, self.init_scale, device)
+        elif self.init == "rand" and self.given is None:
+            start = torch.full((b, self.channels, k, k), self.init_scale / 2, device=device)
+        else:
+            start = self.initial_kernel().to(device).expand(b, -1, -1, -1)
+        dtype = self.kernel.dtype  # the module's dtype (after .double(), for instance)
+        self.kernel = nn.Parameter(start.to(dtype).clone())
         self.mask = None
-        self._generators = generators
+        if self.use_mask:
+            hw = self.output_size(tuple(shape[-2:]))
+            mask = additive_mask(b, hw, generators, self.mask_init_scale, device)
+            self.mask = nn.Parameter(mask.detach().to(dtype))
 
-    def mask_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The mask ``[B, 1, H, W]`` for a batch like ``x``, allocated on first use."""
-        self.mask = additive_mask_for(self.mask, x, self._generators, self.mask_init_scale)
-        return self.mask
+    def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        shrink = self.kernel_size - 1 if self.padding == "valid" else 0
+        return in_hw[0] - shrink, in_hw[1] - shrink
+
+    def input_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
+        grow = self.kernel_size - 1 if self.padding == "valid" else 0
+        return out_hw[0] + grow, out_hw[1] + grow
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` in [0, 1] -> ``K * x (+ M)``, ``[B, C, H, W]`` (not clamped)."""
-        y = depthwise_convolve(x, self.kernel, self.padding)
+        """``[B, C, H, W]`` in [0, 1] -> ``K * x (+ M)`` (not clamped)."""
+        y = depthwise_convolve(x, self.kernel, self.padding, self.correlate)
         if self.use_mask:
-            y = y + self.mask_for(x).to(x.dtype)
+            y = y + self._mask_like(y).to(x.dtype)
         return y
+
+    def forward_window(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        y = depthwise_convolve(x, self.kernel, self.padding, self.correlate)
+        if self.use_mask:
+            h, w = y.shape[-2:]
+            y = y + self._mask_like(None)[..., top : top + h, left : left + w].to(x.dtype)
+        return y
+
+    def _mask_like(self, y: torch.Tensor | None) -> torch.Tensor:
+        if self.mask is None:
+            raise RuntimeError("KernelMaskOperator: call init_batch(x.shape, generators) first")
+        if y is not None and self.mask.shape[-2:] != y.shape[-2:]:
+            raise ValueError(
+                f"the mask is {tuple(self.mask.shape[-2:])} but the observation is "
+                f"{tuple(y.shape[-2:])}: call init_batch with this batch's shape"
+            )
+        return self.mask
 
     def param_groups(self, lr: float) -> list[dict]:
         groups = []
@@ -135,10 +220,12 @@ class KernelMaskOperator(Operator):
         return groups
 
     def estimate(self) -> dict[str, torch.Tensor]:
-        """``kernel``: ``[B, C, k, k]`` normalised to sum 1 per channel (the contract's format);
-        ``kernel_gain``: ``[B, C]`` the raw kernel's sums (its brightness gain); ``mask_mean``:
-        ``[B]`` (when the mask is used)."""
+        """``kernel``: ``[B, C, k, k]`` the convolution PSF normalised to sum 1 per channel (the
+        contract's format); ``kernel_gain``: ``[B, C]`` the raw kernel's sums (its brightness
+        gain); ``mask_mean``: ``[B]`` (when the mask is used)."""
         k = self.kernel.detach()
+        if self.correlate:
+            k = k.flip(-1, -2)
         gain = k.sum(dim=(-1, -2))
         out = {"kernel": k / gain[..., None, None], "kernel_gain": gain.clone()}
         if self.use_mask and self.mask is not None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from bir.operators.base import Operator
+from bir.operators.base import Operator, Shape, batch_size_of
 
 
 def box_mask(height: int, width: int, box_size: int | None = None) -> torch.Tensor:
@@ -35,7 +35,7 @@ class InpaintMask(Operator):
     The mask is either given (``mask``: ``[H, W]``, ``[1|B, 1|C, H, W]``) or generated per image
     at the observation's size on first use: ``kind="box"`` (centred square hole of ``box_size``)
     or ``kind="random"`` (pixels kept with probability ``keep_ratio``, drawn from the image's
-    generator passed to :meth:`init_batch`).
+    generator passed to :meth:`init_batch`, at the clean image's size).
 
     Args:
         mask: the mask, or None to generate one.
@@ -62,33 +62,44 @@ class InpaintMask(Operator):
         self._given = given is not None
         self._seeds: list[int] = [0]
 
-    def init_batch(self, batch_size: int, generators: list[torch.Generator] | None = None) -> None:
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
+        """Draw each image's mask at the clean image's size (``random``: from the image's
+        generator; without generators image ``b`` uses seed ``b``)."""
+        b = batch_size_of(shape, generators)
         if generators is None:
-            self._seeds = list(range(batch_size))
-        else:  # one seed per image, so the mask can be drawn later at the observation's size
+            self._seeds = list(range(b))
+        else:  # one seed per image: the same mask whatever device the generators are on
             self._seeds = [
                 int(torch.randint(2**62, (), generator=g, device=g.device)) for g in generators
             ]
         if not self._given:
+            device = generators[0].device if generators else self._device()
             self.mask = None
+            self.mask = self._draw(*shape[-2:]).to(device)
+
+    def _draw(self, h: int, w: int) -> torch.Tensor:
+        if self.kind == "box":
+            return box_mask(h, w, self.box_size)
+        gens = [torch.Generator().manual_seed(s) for s in self._seeds]
+        return torch.cat([random_pixel_mask(h, w, self.keep_ratio, g) for g in gens])
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The mask for a batch like ``x`` (``[B or 1, 1 or C, H, W]``), generated on first use."""
+        """The mask for a batch like ``x`` (``[B or 1, 1 or C, H, W]``); a generated mask of
+        another size is redrawn at x's size (the same seeds)."""
         h, w = x.shape[-2:]
         if self.mask is None or self.mask.shape[-2:] != (h, w):
             if self._given:
                 raise ValueError(f"mask is {tuple(self.mask.shape[-2:])}, image is {(h, w)}")
-            if self.kind == "box":
-                self.mask = box_mask(h, w, self.box_size).to(x.device)
-            else:
-                gens = [torch.Generator().manual_seed(s) for s in self._seeds]
-                masks = [random_pixel_mask(h, w, self.keep_ratio, g) for g in gens]
-                self.mask = torch.cat(masks).to(x.device)
+            self.mask = self._draw(h, w).to(x.device)
         return self.mask.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` -> masked ``[B, C, H, W]`` (missing pixels 0)."""
         return x * self.mask_for(x)
+
+    def forward_window(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return x * self.mask[..., top : top + h, left : left + w].to(x.dtype)
 
     def loss_mask(self) -> torch.Tensor | None:
         return self.mask

@@ -31,6 +31,9 @@ class AvgPoolDownsample(Operator):
         """Size of x that maps to an observation of ``out_hw``."""
         return out_hw[0] * self.scale, out_hw[1] * self.scale
 
+    def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        return in_hw[0] // self.scale, in_hw[1] // self.scale
+
 
 class BicubicDownsample(Operator):
     """Antialiased bicubic downsampling (``F.interpolate(..., antialias=True)``, the same filter
@@ -55,3 +58,6 @@ class BicubicDownsample(Operator):
 
     def input_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
         return out_hw[0] * self.scale, out_hw[1] * self.scale
+
+    def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        return in_hw[0] // self.scale, in_hw[1] // self.scale

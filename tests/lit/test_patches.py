@@ -1,4 +1,5 @@
-"""Overlapping patch grid: positions, exact fold/extract round trip and overlap averaging."""
+"""Overlapping patch grid: positions, exact fold/extract round trip, overlap averaging and the
+model wrapper (folded outputs, per-patch clipping, chunked calls)."""
 
 import pytest
 import torch
@@ -42,3 +43,38 @@ def test_fold_is_differentiable():
     x = torch.randn(1, 1, 24, 24, requires_grad=True)
     fold_patches(extract_patches(x, 16, 8), 24, 24, 16, 8).sum().backward()
     assert torch.allclose(x.grad, torch.ones_like(x))
+
+
+def test_patch_grid_model_folds_outputs_and_clips_per_patch():
+    from bir.diffusion.parameterization import ModelOutput
+    from bir.lit.patches import PatchGridModel
+
+    calls = []
+
+    def pointwise(x, i):  # a per-pixel model: the grid must not change its outputs
+        calls.append(x.shape[0])
+        return ModelOutput(eps=-x, x0=0.5 * x, log_variance=(x.abs() + 1).log())
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 24, 40, generator=g)
+    i = torch.tensor([3, 3])
+    out = PatchGridModel(pointwise, 16, 8, batch_size=5)(x, i)
+    ref = pointwise(x, i)
+    assert torch.allclose(out.x0, ref.x0.clamp(-1, 1), atol=1e-6)
+    assert torch.allclose(out.eps, ref.eps, atol=1e-6)
+    assert torch.allclose(out.log_variance, ref.log_variance, atol=1e-6)
+    n = num_patches(24, 40, 16, 8)
+    assert out.patches.x0.shape == (2 * n, 3, 16, 16) and len(out.positions) == n
+    assert calls[:-1] == [5, 5, 5, 1] and 2 * n == 16  # chunks of batch_size patches, then ref
+
+    def patch_offset(x, i):  # x0 depends on the whole patch: clipping before averaging matters
+        x0 = x + 2 * x.mean(dim=(1, 2, 3), keepdim=True)
+        return ModelOutput(eps=x, x0=x0, log_variance=None)
+
+    y = torch.linspace(-1.5, 1.5, 24)[None, None, None].expand(1, 1, 16, 24).contiguous()
+    out = PatchGridModel(patch_offset, 16, 8)(y, torch.tensor([0]))
+    tiles = extract_patches(y, 16, 8)
+    expected = fold_patches(patch_offset(tiles, None).x0.clamp(-1, 1), 16, 24, 16, 8)
+    assert torch.allclose(out.x0, expected) and out.log_variance is None
+    unclipped = fold_patches(patch_offset(tiles, None).x0, 16, 24, 16, 8).clamp(-1, 1)
+    assert not torch.allclose(out.x0, unclipped)

@@ -19,6 +19,10 @@ EXPECTED = {
     "denoise": ("Identity", (1, 3, 64, 64)),
     "inpaint": ("InpaintMask", (1, 3, 64, 64)),
     "colorize": ("Grayscale", (1, 3, 64, 64)),
+    "colorize_mean": ("Grayscale", (1, 3, 64, 64)),
+    "sr_avgpool_x4": ("AvgPoolDownsample", (1, 3, 16, 16)),
+    "kernel_mask": ("KernelMaskOperator", (1, 3, 64, 64)),
+    "lowlight": ("LowLightOperator", (1, 3, 64, 64)),
 }
 
 
@@ -31,5 +35,5 @@ def test_operator_config_instantiates(name):
     op = instantiate(cfg.operator)
     cls, out_shape = EXPECTED[name]
     assert type(op).__name__ == cls
-    op.init_batch(1, [torch.Generator().manual_seed(0)])
+    op.init_batch((1, 3, 64, 64), [torch.Generator().manual_seed(0)])
     assert op(torch.rand(1, 3, 64, 64)).shape == out_shape
