@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/bir-train experiment=quickstart
 	$(PY) -m bir.demo
 
-test: install
+test: lint
 	$(PY) -m pytest -m "not slow" -q -p no:cacheprovider
 
 test-all: install
@@ -33,6 +33,7 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check bir tests scripts
+	$(VENV)/bin/ruff format --check bir tests scripts
 
 bench: install
 	$(PY) scripts/run_benches.py
