@@ -14,6 +14,7 @@ depend on the batch it was drawn in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -78,6 +79,10 @@ def sample_ddpm(
             ``(mean', None)`` replaces the mean (GDP / BIR-D: ``mean - s * grad``),
             ``(mean', x0')`` sets both (x0' only reported to the callback). The hook may use
             ``torch.enable_grad()`` inside even when the caller samples under ``no_grad``.
+            If the guidance object also has a method
+            ``after_step(x_t, x_prev, i, mean, log_variance)``, it is called once x_{t-1} is
+            drawn, with the mean and log-variance it was drawn from (BIR-D's adaptive scale is
+            computed there).
         callback: see the module docstring.
         clip_x0: clamp x0 to [-1, 1] before the posterior mean (ADM ``clip_denoised``).
 
@@ -90,7 +95,7 @@ def sample_ddpm(
         i = _step_index(step, x)
         out = model(x, i)
         x0 = out.x0.clamp(-1, 1) if clip_x0 else out.x0
-        out = ModelOutput(eps=out.eps, x0=x0, log_variance=out.log_variance)
+        out = dataclasses.replace(out, x0=x0)  # keeps a subclass's extra fields (patch grids)
         mean = schedule.posterior_mean(x0, x, i)
         log_variance = out.log_variance
         if log_variance is None:
@@ -106,10 +111,48 @@ def sample_ddpm(
         if callback is not None:
             callback({"i": step, "t": int(schedule.timesteps[step]), "x": x, "x0": x0})
         if step > 0:
-            x = mean + torch.exp(0.5 * log_variance) * _noise_like(x, generators)
+            x_prev = mean + torch.exp(0.5 * log_variance) * _noise_like(x, generators)
         else:
-            x = mean
+            x_prev = mean
+        after_step = getattr(guidance, "after_step", None)
+        if after_step is not None:
+            after_step(x, x_prev, i, mean, log_variance)
+        x = x_prev
     return x
+
+
+class _NoGradNetwork(torch.nn.Module):
+    """``net`` evaluated under ``torch.no_grad()``: to autograd its output is a constant."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.net(*args, **kwargs)
+
+
+def network_grad(net: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """Decide whether gradients flow through a denoising network.
+
+    ``enabled``: ``net`` itself (full backpropagation: one network backward per step and the
+    activations of every call held in memory). Otherwise ``net`` wrapped to run under
+    ``no_grad``. Wrap the *raw* network, below the parameterisation adapter, e.g.
+    ``DiffusionModel(network_grad(prior, False), schedule)``: the adapter's arithmetic on
+    ``x_t`` (``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``, and in :func:`sample_ddim` eps
+    re-derived from the clamped x0) stays differentiable, so a loss on the sample still reaches
+    ``x_T`` through the explicit ``x_t`` terms of every update, with the network's output held
+    constant. That is BIRD's released ``DDIM_efficient_feed_forward`` (the UNet under
+    ``no_grad``, the scheduler step outside it): for an eps network and eta 0 each update is
+    element-wise linear in ``x_t`` with slope ``m sqrt(abar'/abar) + (1 - m) sqrt((1 - abar') /
+    (1 - abar))``, ``m`` = 1 where x0 lies inside [-1, 1] (unclamped).
+
+    Args:
+        net: the network (any ``nn.Module``; called with whatever the adapter passes).
+        enabled: let gradients flow through it.
+    """
+    return net if enabled else _NoGradNetwork(net)
 
 
 def sample_ddim(
@@ -129,8 +172,12 @@ def sample_ddim(
     ancestral DDPM with fixed-small variance. When ``clip_x0``, eps is recomputed from the
     clipped x0 (as guided-diffusion's ``ddim_sample``). The last step (abar' = 1) returns x0.
 
-    Differentiable end to end: no ``no_grad`` inside, so gradients flow to ``x_T`` (and through
-    the net if it has gradients), as BIRD needs.
+    Differentiable end to end: no ``no_grad`` inside, so gradients flow to ``x_T``; whether they
+    also flow through the network is the model's business (:func:`network_grad`). The clamp is
+    ``torch.clamp``: zero gradient where x0 leaves [-1, 1], as the released code's. BIRD
+    (:class:`bir.lit.bird.BIRD`) optimises ``x_T`` through this sampler with eta 0, a few large
+    steps (:func:`bir.diffusion.schedules.diffusers_ddim_timesteps`) and ``clip_x0``: the
+    released diffusers step with ``use_clipped_model_output=True``.
 
     Args:
         model: ``(x_t, i) -> ModelOutput``.

@@ -2,8 +2,22 @@
 
 Every kernel is held per image (``[B, c, k, k]``, ``c`` = 1 for one kernel shared by the colour
 channels or ``C`` for a depthwise kernel per channel) and applied in one grouped convolution.
-The blur is a true convolution (the kernel is flipped), so a known asymmetric PSF means what it
-says; BIRD's reference uses cross-correlation (``conv2d``), which only mirrors a *learned* kernel.
+
+Two conventions matter when reproducing released code:
+
+- Direction. ``correlate=False`` (bir's default for a known kernel) is a true convolution (the
+  kernel is flipped), so a known asymmetric PSF means what it says. ``correlate=True`` is the
+  cross-correlation of ``F.conv2d`` that BIRD's released code uses, both to blur its test image
+  with ``data/kernel.npy`` and to apply the kernel its MLP learns; for a learned kernel it only
+  mirrors the estimate, but it decides which tap a given set of MLP weights lands on. Whatever
+  the direction, :meth:`estimate` reports the convolution PSF (flipped back when correlating),
+  so estimates compare with a true kernel one way.
+- Border. The released BIRD code blurs images on the [-1, 1] scale with
+  ``F.conv2d(..., padding="same")``: zeros *there* are mid-grey (0.5) on bir's [0, 1] scale, not
+  black. ``padding="zeros_signed"`` computes exactly that, ``(k * pad_0(2x - 1) + 1) / 2``; for a
+  kernel that sums to 1 it equals padding [0, 1] with 0.5. It differs from ``zeros`` (black) by
+  the kernel applied to a grey frame, whatever the image: with the released 41x41
+  ``data/kernel.npy`` at 256 px, 17.5 % of the pixels by more than 0.01, up to 0.49.
 """
 
 from __future__ import annotations
@@ -15,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bir.operators.base import Operator
+from bir.operators.base import Operator, Shape, batch_size_of
 
-#: torch ``F.pad`` modes by the names used in configs
-PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant"}
+#: torch ``F.pad`` modes by the names used in configs; ``zeros_signed`` pads with zeros on the
+#: [-1, 1] scale (the released BIRD code's ``conv2d(padding="same")``; see the module docstring)
+PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant",
+                 "zeros_signed": "constant"}  # fmt: skip
 
 
 def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -29,30 +45,47 @@ def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype = torch.float32)
 
 
 def convolve_per_image(
-    x: torch.Tensor, kernel: torch.Tensor, padding: str = "reflect"
+    x: torch.Tensor, kernel: torch.Tensor, padding: str = "reflect", correlate: bool = False
 ) -> torch.Tensor:
-    """Convolve every image with its own kernel, output the same size as the input.
+    """Blur every image with its own kernel, output the same size as the input.
+
+    ``y[i, j] = sum_{u, v} k[u, v] x[i - u + r, j - v + r]`` (convolution, ``r = k // 2``), or
+    ``sum_{u, v} k[u, v] x[i + u - r, j + v - r]`` when ``correlate`` (``F.conv2d``).
 
     Args:
-        x: ``[B, C, H, W]``.
+        x: ``[B, C, H, W]`` in [0, 1].
         kernel: ``[B or 1, c, k, k]`` with ``c`` 1 (shared by channels) or ``C`` (depthwise);
             odd ``k``.
         padding: ``reflect`` (mirror without repeating the edge, torch's ``reflect``),
-            ``circular`` or ``zeros``.
+            ``circular``, ``zeros`` (black) or ``zeros_signed`` (zeros on the [-1, 1] scale:
+            the result is ``(k * pad_0(2x - 1) + 1) / 2``, the released BIRD code's
+            ``conv2d(padding="same")`` on [-1, 1] images seen on [0, 1]).
+        correlate: cross-correlate (the kernel is not flipped), as ``F.conv2d``.
     Returns:
         ``[B, C, H, W]``, differentiable w.r.t. ``x`` and ``kernel``.
     """
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
     b, c, h, w = x.shape
     k = kernel.shape[-1]
     if k % 2 != 1 or kernel.shape[-2] != k:
         raise ValueError(f"kernel must be square with odd size, got {tuple(kernel.shape)}")
     kernel = kernel.to(x.dtype).expand(b, c, k, k)  # shared-channel or broadcast batch
+    signed = padding == "zeros_signed"
+    if signed:
+        x = 2 * x - 1
     p = k // 2
     x = F.pad(x, (p, p, p, p), mode=PADDING_MODES[padding])
-    # one group per (image, channel); flip for convolution rather than correlation
-    weight = kernel.flip(-1, -2).reshape(b * c, 1, k, k)
+    # one group per (image, channel); conv2d correlates, so flip for a convolution
+    weight = (kernel if correlate else kernel.flip(-1, -2)).reshape(b * c, 1, k, k)
     out = F.conv2d(x.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
-    return out.reshape(b, c, h, w)
+    out = out.reshape(b, c, h, w)
+    return (out + 1) / 2 if signed else out
+
+
+def as_psf(kernel: torch.Tensor, correlate: bool) -> torch.Tensor:
+    """The convolution PSF of a kernel applied with ``correlate`` (flipped when correlating)."""
+    return kernel.flip(-1, -2) if correlate else kernel
 
 
 def _as_kernel(kernel: torch.Tensor | Sequence) -> torch.Tensor:
@@ -71,7 +104,9 @@ class FixedKernelBlur(Operator):
             given (not renormalised); None builds a Gaussian from ``kernel_size`` and ``sigma``.
         kernel_size: odd size of the Gaussian when ``kernel`` is None.
         sigma: standard deviation (pixels) of the Gaussian when ``kernel`` is None.
-        padding: ``reflect`` | ``circular`` | ``zeros``.
+        padding: ``reflect`` | ``circular`` | ``zeros`` | ``zeros_signed`` (module docstring).
+        correlate: apply ``kernel`` by cross-correlation (``F.conv2d``, as the released BIRD code
+            blurs its test image with ``data/kernel.npy``) instead of convolution.
     """
 
     def __init__(
@@ -80,25 +115,27 @@ class FixedKernelBlur(Operator):
         kernel_size: int = 21,
         sigma: float = 2.0,
         padding: str = "reflect",
+        correlate: bool = False,
     ):
         super().__init__()
         if padding not in PADDING_MODES:
             raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
         k = gaussian_kernel(kernel_size, sigma) if kernel is None else kernel
         self.register_buffer("kernel", _as_kernel(k))
-        self.padding = padding
+        self.padding, self.correlate = padding, correlate
         self.batch_size = 1
 
-    def init_batch(self, batch_size: int, generators: list[torch.Generator] | None = None) -> None:
-        self.batch_size = batch_size
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
+        self.batch_size = batch_size_of(shape, generators)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` in [0, 1] -> blurred ``[B, C, H, W]``."""
-        return convolve_per_image(x, self.kernel, self.padding)
+        return convolve_per_image(x, self.kernel, self.padding, self.correlate)
 
     def estimate(self) -> dict[str, torch.Tensor]:
         b = max(self.batch_size, self.kernel.shape[0])
-        return {"kernel": self.kernel.expand(b, *self.kernel.shape[1:]).detach().clone()}
+        psf = as_psf(self.kernel, self.correlate)
+        return {"kernel": psf.expand(b, *self.kernel.shape[1:]).detach().clone()}
 
 
 class LearnableKernelBlur(Operator):
@@ -112,10 +149,9 @@ class LearnableKernelBlur(Operator):
         init_sigma: sigma (pixels) of the ``gaussian`` start.
         init_floor: weight added to every tap before taking the log for the logits; a pure delta
             would saturate the softmax (its gradient k(1-k) ~ 0) and the kernel could not move.
-        padding: ``reflect`` | ``circular`` | ``zeros``.
+        padding: ``reflect`` | ``circular`` | ``zeros`` | ``zeros_signed`` (module docstring).
+        correlate: apply the kernel by cross-correlation (module docstring).
     """
-
-    learnable = True
 
     def __init__(
         self,
@@ -125,6 +161,7 @@ class LearnableKernelBlur(Operator):
         init_sigma: float = 2.0,
         init_floor: float = 1e-3,
         padding: str = "reflect",
+        correlate: bool = False,
     ):
         super().__init__()
         if init not in ("delta", "uniform", "gaussian"):
@@ -133,6 +170,7 @@ class LearnableKernelBlur(Operator):
             raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
         self.kernel_size, self.channels, self.init = kernel_size, channels, init
         self.init_sigma, self.init_floor, self.padding = init_sigma, init_floor, padding
+        self.correlate = correlate
         self.logits = nn.Parameter(torch.zeros(1, channels, kernel_size * kernel_size))
 
     def initial_kernel(self) -> torch.Tensor:
@@ -147,7 +185,8 @@ class LearnableKernelBlur(Operator):
             start = gaussian_kernel(k, self.init_sigma)
         return start
 
-    def init_batch(self, batch_size: int, generators: list[torch.Generator] | None = None) -> None:
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
+        batch_size = batch_size_of(shape, generators)
         logits = torch.log(self.initial_kernel() + self.init_floor).flatten()
         logits = logits.to(self.logits.device).expand(batch_size, self.channels, -1)
         self.logits = nn.Parameter(logits.clone())
@@ -158,13 +197,13 @@ class LearnableKernelBlur(Operator):
         return self.logits.softmax(-1).reshape(*self.logits.shape[:2], k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return convolve_per_image(x, self.kernel(), self.padding)
+        return convolve_per_image(x, self.kernel(), self.padding, self.correlate)
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [self.logits], "lr": lr, "name": "kernel"}]
 
     def estimate(self) -> dict[str, torch.Tensor]:
-        return {"kernel": self.kernel().detach().clone()}
+        return {"kernel": as_psf(self.kernel(), self.correlate).detach().clone()}
 
 
 class KernelMLPBlur(Operator):
@@ -183,10 +222,12 @@ class KernelMLPBlur(Operator):
         latent_init: ``uniform`` (the reference ``get_noise``: U[0, 1) x ``latent_scale``) or
             ``normal`` (N(0, 1) x ``latent_scale``).
         latent_scale: multiplier of the code (reference: 0.1).
-        padding: ``zeros`` (the reference's ``padding="same"``), ``reflect`` or ``circular``.
+        padding: ``zeros_signed`` (the released code's ``conv2d(padding="same")`` on [-1, 1]
+            images: mid-grey on [0, 1]), ``zeros`` (black), ``reflect`` or ``circular``.
+        correlate: apply the kernel by cross-correlation, as the released code's ``conv2d``
+            (the MLP's output taps then sit where the released code puts them);
+            :meth:`estimate` reports the convolution PSF either way.
     """
-
-    learnable = True
 
     def __init__(
         self,
@@ -196,7 +237,8 @@ class KernelMLPBlur(Operator):
         channels: int = 1,
         latent_init: str = "uniform",
         latent_scale: float = 0.1,
-        padding: str = "zeros",
+        padding: str = "zeros_signed",
+        correlate: bool = True,
     ):
         super().__init__()
         if latent_init not in ("uniform", "normal"):
@@ -205,16 +247,15 @@ class KernelMLPBlur(Operator):
             raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
         self.kernel_size, self.latent_dim, self.hidden = kernel_size, latent_dim, hidden
         self.channels, self.latent_init = channels, latent_init
-        self.latent_scale, self.padding = latent_scale, padding
-        self.init_batch(1, [torch.Generator().manual_seed(0)])
+        self.latent_scale, self.padding, self.correlate = latent_scale, padding, correlate
+        self.init_batch((1, channels, 1, 1), [torch.Generator().manual_seed(0)])
 
-    def init_batch(self, batch_size: int, generators: list[torch.Generator] | None = None) -> None:
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
         """Draw each image's code and MLP weights from its own generator (CPU generators or
         generators on the parameters' device)."""
+        batch_size = batch_size_of(shape, generators)
         if generators is None:
             generators = [torch.Generator().manual_seed(i) for i in range(batch_size)]
-        if len(generators) != batch_size:
-            raise ValueError(f"{len(generators)} generators for a batch of {batch_size}")
         out = self.channels * self.kernel_size**2
         shapes = {"z": (self.latent_dim,), "w1": (self.hidden, self.latent_dim),
                   "b1": (self.hidden,), "w2": (out, self.hidden), "b2": (out,)}  # fmt: skip
@@ -245,10 +286,10 @@ class KernelMLPBlur(Operator):
         return logits.reshape(-1, self.channels, k * k).softmax(-1).reshape(-1, self.channels, k, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return convolve_per_image(x, self.kernel(), self.padding)
+        return convolve_per_image(x, self.kernel(), self.padding, self.correlate)
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": [self.w1, self.b1, self.w2, self.b2], "lr": lr, "name": "kernel_mlp"}]
 
     def estimate(self) -> dict[str, torch.Tensor]:
-        return {"kernel": self.kernel().detach().clone()}
+        return {"kernel": as_psf(self.kernel(), self.correlate).detach().clone()}

@@ -66,33 +66,38 @@ def _generators(
     return list(generator)
 
 
-def make_operator(op_spec: dict, generators: list[torch.Generator]) -> Operator:
+def make_operator(
+    op_spec: dict, generators: list[torch.Generator], shape: tuple[int, ...] | None = None
+) -> Operator:
     """The known operator described by ``op_spec`` (see the module docstring), with its random
-    parameters (motion kernels, random masks) drawn from ``generators`` (one per image)."""
+    parameters (motion kernels, random masks) drawn from ``generators`` (one per image); with
+    ``shape`` (the clean batch's ``[B, C, H, W]``) it is also initialised for that batch."""
     kind = op_spec["kind"]
     size = int(op_spec.get("kernel_size", 41))
     padding = op_spec.get("padding", "reflect")
     if kind == "gaussian_blur":
-        return FixedKernelBlur(gaussian_kernel(size, float(op_spec.get("blur_sigma", 3.0))),
-                               padding=padding)  # fmt: skip
-    if kind == "motion_blur":
+        op = FixedKernelBlur(gaussian_kernel(size, float(op_spec.get("blur_sigma", 3.0))),
+                             padding=padding)  # fmt: skip
+    elif kind == "motion_blur":
         intensity, steps = float(op_spec.get("intensity", 0.5)), int(op_spec.get("steps", 64))
         kernels = torch.stack([motion_kernel(size, intensity, g, steps) for g in generators])
-        return FixedKernelBlur(kernels[:, None], padding=padding)
-    if kind == "avgpool":
-        return AvgPoolDownsample(int(op_spec.get("scale", 8)))
-    if kind == "bicubic":
-        return BicubicDownsample(int(op_spec.get("scale", 4)))
-    if kind == "inpaint":
+        op = FixedKernelBlur(kernels[:, None], padding=padding)
+    elif kind == "avgpool":
+        op = AvgPoolDownsample(int(op_spec.get("scale", 8)))
+    elif kind == "bicubic":
+        op = BicubicDownsample(int(op_spec.get("scale", 4)))
+    elif kind == "inpaint":
         op = InpaintMask(kind=op_spec.get("mask_kind", "box"), box_size=op_spec.get("box_size"),
                          keep_ratio=float(op_spec.get("keep_ratio", 0.25)))  # fmt: skip
-        op.init_batch(len(generators), generators)
-        return op
-    if kind == "identity":
-        return Identity()
-    if kind == "grayscale":
-        return Grayscale()
-    raise ValueError(f"unknown synthetic operator kind {kind!r}")
+    elif kind == "identity":
+        op = Identity()
+    elif kind == "grayscale":
+        op = Grayscale()
+    else:
+        raise ValueError(f"unknown synthetic operator kind {kind!r}")
+    if shape is not None:
+        op.init_batch(shape, generators)
+    return op
 
 
 @torch.no_grad()
@@ -116,9 +121,7 @@ def degrade(
         ([B or 1, 1, H, W]) when the operator has one.
     """
     gens = _generators(generator, x.shape[0])
-    op = make_operator(op_spec, gens).to(x.device)
-    if op_spec["kind"] != "inpaint":  # make_operator already drew the masks
-        op.init_batch(x.shape[0], gens)
+    op = make_operator(op_spec, gens, tuple(x.shape)).to(x.device)
     clean = op(x)
     noise = torch.stack([torch.randn(clean.shape[1:], generator=g, device=g.device) for g in gens])
     y = (clean + sigma * noise.to(clean)).clamp(0, 1)

@@ -196,3 +196,50 @@ def test_model_without_variance_falls_back_to_fixed_small():
     torch.testing.assert_close(
         sample_ddpm(no_variance, x, schedule, gens()), sample_ddpm(fixed_small, x, schedule, gens())
     )
+
+
+class ScaledGaussianEps(GaussianEps):
+    """GaussianEps times a learnable scalar (1 at the start): a network with a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scale * super().forward(x, t)
+
+
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_network_grad_off_keeps_only_the_explicit_x_t_terms(clip_x0):
+    """With the network's output held constant and x0 inside [-1, 1], each DDIM step (eta 0)
+    is x' = sqrt(a') (x - sqrt(1 - a) eps) / sqrt(a) + sqrt(1 - a') eps with d eps / dx = 0 (eps
+    re-derived from an unclamped x0 is eps itself): slope sqrt(a' / a), and the product over the
+    chain telescopes to 1 / sqrt(abar of the top step) (BIRD's released gradient)."""
+    from bir.diffusion.samplers import network_grad
+
+    net = ScaledGaussianEps()
+    schedule = DiffusionSchedule(BETAS, space_timesteps(1000, 10))
+    x = (0.2 * x_T(2, 4)).requires_grad_(True)  # small: every x0 estimate stays inside [-1, 1]
+    model = DiffusionModel(network_grad(net, False), schedule)
+    seen: list[dict] = []
+    out = sample_ddim(model, x, schedule, clip_x0=clip_x0, callback=seen.append)
+    assert all(d["x0"].abs().max() < 1 for d in seen)
+    out.sum().backward()
+    top = schedule.alphas_cumprod[-1].item()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / math.sqrt(top)), rtol=1e-9, atol=0)
+    assert net.scale.grad is None and not model.net(x, torch.tensor([5, 5])).requires_grad
+
+
+def test_network_grad_on_is_the_network_itself():
+    from bir.diffusion.samplers import network_grad
+
+    net = ScaledGaussianEps()
+    assert network_grad(net, True) is net
+    schedule = DiffusionSchedule(BETAS, space_timesteps(1000, 10))
+    x = x_T(2, 4).requires_grad_(True)
+    model = DiffusionModel(network_grad(net, True), schedule)
+    sample_ddim(model, x, schedule, clip_x0=False).sum().backward()
+    assert net.scale.grad is not None and net.scale.grad.abs() > 0
+    # the full gradient differs from the network-free one (the eps' dependence on x_t counts)
+    top = schedule.alphas_cumprod[-1].item()
+    assert not torch.allclose(x.grad, torch.full_like(x, 1 / math.sqrt(top)))

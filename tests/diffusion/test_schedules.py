@@ -78,3 +78,21 @@ def test_learned_range_endpoints():
     hi = s.learned_range_log_variance(torch.ones_like(like), i)
     assert lo.item() == pytest.approx(s.posterior_log_variance_clipped[10].item())
     assert hi.item() == pytest.approx(math.log(s.betas[10].item()))
+
+
+def test_diffusers_ddim_timesteps_hand_computed():
+    from bir.diffusion.schedules import diffusers_ddim_timesteps
+
+    # BIRD's set_timesteps(1000 // delta_t): delta_t 300 -> 3 steps of stride 333
+    assert diffusers_ddim_timesteps(1000, 3) == [0, 333, 666]
+    assert diffusers_ddim_timesteps(1000, 6) == [0, 166, 332, 498, 664, 830]
+    assert diffusers_ddim_timesteps(1000, 10) == list(range(0, 1000, 100))
+    assert diffusers_ddim_timesteps(1000, 1) == [0]
+    assert diffusers_ddim_timesteps(1000, 1000) == list(range(1000))
+    # the released formula, (arange(n) * (T // n)).round(), exactly n steps for every n
+    for n in (7, 13, 333, 999):
+        expected = (torch.arange(n) * (1000 // n)).tolist()
+        assert diffusers_ddim_timesteps(1000, n) == expected and len(expected) == n
+    for bad in (0, -1, 1001):
+        with pytest.raises(ValueError, match=r"DDIM steps must lie in \[1, 1000\]"):
+            diffusers_ddim_timesteps(1000, bad)

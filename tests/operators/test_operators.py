@@ -52,7 +52,7 @@ def test_depthwise_blur_uses_one_kernel_per_channel():
 
 def test_fixed_gaussian_blur_kernel_and_estimate():
     op = FixedKernelBlur(kernel_size=7, sigma=1.5)
-    op.init_batch(3)
+    op.init_batch((3, 3, 9, 9))
     k = op.estimate()["kernel"]
     assert k.shape == (3, 1, 7, 7)
     assert torch.allclose(k.sum((-1, -2)), torch.ones(3, 1))
@@ -68,7 +68,7 @@ def test_fixed_gaussian_blur_kernel_and_estimate():
 @pytest.mark.parametrize("init", ["delta", "uniform", "gaussian"])
 def test_learnable_kernel_is_a_distribution_and_trains(init):
     op = LearnableKernelBlur(kernel_size=5, channels=3, init=init, init_sigma=1.0)
-    op.init_batch(2)
+    op.init_batch((2, 3, 8, 8))
     k = op.kernel()
     assert k.shape == (2, 3, 5, 5) and (k >= 0).all()
     assert torch.allclose(k.sum((-1, -2)), torch.ones(2, 3))
@@ -92,7 +92,7 @@ def test_learnable_kernel_is_a_distribution_and_trains(init):
 
 def test_kernel_mlp_batched_equals_per_image_loop():
     op = KernelMLPBlur(kernel_size=5, latent_dim=6, hidden=16)
-    op.init_batch(3, gens(0, 1, 2))
+    op.init_batch((3, 3, 8, 8), gens(0, 1, 2))
     batched = op.kernel()
     for b in range(3):  # the reference's fcn: Linear -> ReLU6 -> Linear -> Softmax
         h = F.relu6(op.w1[b] @ op.z[b] + op.b1[b])
@@ -101,7 +101,7 @@ def test_kernel_mlp_batched_equals_per_image_loop():
     assert (batched >= 0).all() and torch.allclose(batched.sum((-1, -2)), torch.ones(3, 1))
     # image b's draws depend only on its own generator
     single = KernelMLPBlur(kernel_size=5, latent_dim=6, hidden=16)
-    single.init_batch(1, gens(1))
+    single.init_batch((1, 3, 8, 8), gens(1))
     assert torch.equal(single.w2[0], op.w2[1]) and torch.equal(single.z[0], op.z[1])
     assert 0 <= op.z.min() and op.z.max() < 0.1  # reference code: U[0, 1) x 0.1
     # gradients of image 0's loss do not reach image 1's weights
@@ -115,6 +115,7 @@ def test_avgpool_downsample_by_hand():
     assert y.shape == (2, 1, 2, 2)
     assert y[0, 0, 0, 0] == (0 + 1 + 4 + 5) / 4 and y[1, 0, 1, 1] == (26 + 27 + 30 + 31) / 4
     assert AvgPoolDownsample(8).input_size((4, 5)) == (32, 40)
+    assert AvgPoolDownsample(8).output_size((32, 40)) == (4, 5)
     with pytest.raises(ValueError, match="multiple"):
         AvgPoolDownsample(3)(x)
 
@@ -144,13 +145,20 @@ def test_box_mask_and_loss_mask():
 
 def test_random_mask_is_per_image_and_batch_independent():
     op = InpaintMask(kind="random", keep_ratio=0.25)
-    op.init_batch(2, gens(5, 6))
+    op.init_batch((2, 3, 64, 64), gens(5, 6))
     masks = op.mask_for(torch.zeros(2, 3, 64, 64))
     assert masks.shape == (2, 1, 64, 64) and not torch.equal(masks[0], masks[1])
     assert abs(masks.mean().item() - 0.25) < 0.03
     single = InpaintMask(kind="random", keep_ratio=0.25)
-    single.init_batch(1, gens(6))
+    single.init_batch((1, 3, 64, 64), gens(6))
     assert torch.equal(single.mask_for(torch.zeros(1, 3, 64, 64))[0], masks[1])
+
+
+def test_init_batch_needs_the_full_shape():
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        InpaintMask().init_batch(2)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        InpaintMask().init_batch((2, 3, 8, 8), gens(0, 1, 2))
 
 
 def test_given_mask_checks_size():
@@ -174,13 +182,14 @@ def test_identity_and_compose():
     assert torch.equal(Identity()(x), x)
     blur_op = LearnableKernelBlur(kernel_size=3, init="uniform")
     composed = Compose([blur_op, AvgPoolDownsample(4), InpaintMask(kind="box", box_size=2)])
-    composed.init_batch(2, gens(0, 1))
+    composed.init_batch((2, 3, 16, 16), gens(0, 1))
     y = composed(x)
     expected = (
         F.avg_pool2d(convolve_per_image(x, blur_op.kernel(), "reflect"), 4) * composed.loss_mask()
     )
     assert torch.allclose(y, expected, atol=1e-6)
-    assert composed.learnable and composed.input_size((4, 4)) == (16, 16)
+    assert composed.input_size((4, 4)) == (16, 16) and composed.output_size((16, 16)) == (4, 4)
+    assert composed.ops[2].mask.shape[-2:] == (4, 4)  # drawn at the size that reaches it
     assert set(composed.estimate()) == {"kernel", "mask"}
     assert [g["name"] for g in composed.param_groups(0.1)] == ["kernel"]
 
