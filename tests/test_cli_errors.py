@@ -172,6 +172,10 @@ def _composed(entry: str, overrides: list[str], tmp_path: Path):
     return cfg
 
 
+#: what a user must give an experiment (its ??? keys)
+USER_CHOICES = {"prior_folder": ["data.train.root=photos/train", "data.val.root=photos/holdout"]}
+
+
 def test_every_shipped_experiment_and_method_passes_the_checks(tmp_path):
     """No false alarm: the checks accept every experiment and method as shipped, given what a
     user must choose (a prior; an operator for a bare zero-shot method; the folders)."""
@@ -186,7 +190,7 @@ def test_every_shipped_experiment_and_method_passes_the_checks(tmp_path):
         cases.append(
             ("restore", [f"experiment={exp}", "prior=tiny", *folders])
             if restores
-            else ("train", [f"experiment={exp}"])
+            else ("train", [f"experiment={exp}", *USER_CHOICES.get(exp, [])])
         )
     cases += [("degrade", ["input=in", "output=out"]), ("eval", ["pred=p"])]
     for entry, overrides in cases:

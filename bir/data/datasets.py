@@ -89,6 +89,8 @@ class ImageFolderDataset(Dataset):
         repeat: virtual length multiplier (a small folder yields more crops per epoch).
         key: dict key of the image (``"gt"`` for training data).
         seed: run seed of the crop and flip generators (the entry config's ``seed``).
+        cache: keep every decoded image in memory (per loader process) after its first read: for
+            small folders of large photographs, where decoding dominates a training step.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class ImageFolderDataset(Dataset):
         repeat: int = 1,
         key: str = "gt",
         seed: int = 0,
+        cache: bool = False,
     ):
         self.root = Path(root)
         if file_list is not None:
@@ -116,6 +119,7 @@ class ImageFolderDataset(Dataset):
         self.small, self.repeat, self.key = small, int(repeat), key
         self.seed = int(seed)
         self.skipped: set[str] = set()
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def _read_file_list(self, list_path: Path) -> list[Path]:
         if not list_path.is_file():
@@ -148,8 +152,13 @@ class ImageFolderDataset(Dataset):
             path = self.files[(i + k) % n]
             if str(path) in self.skipped:
                 continue
+            if self.cache is not None and (i + k) % n in self.cache:
+                return self.cache[(i + k) % n]
             try:
-                return read_image(path)
+                img = read_image(path)
+                if self.cache is not None:
+                    self.cache[(i + k) % n] = img
+                return img
             except ImageReadError as err:
                 self.skipped.add(str(path))
                 log.warning(
@@ -183,7 +192,10 @@ class ImageFolderDataset(Dataset):
         i = index % len(self.files)
         g = sample_generators(self.seed, [index], "cpu", AUGMENT_STREAM)[0]
         img = self._augment(self._crop(self.load(i), g), g)
-        return {self.key: img.contiguous(), "name": self.name_of(i), "index": index}
+        img = (
+            img.clone() if self.cache is not None else img.contiguous()
+        )  # never hand out the cache
+        return {self.key: img, "name": self.name_of(i), "index": index}
 
 
 class SamplePhotos(ImageFolderDataset):

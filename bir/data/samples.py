@@ -2,7 +2,9 @@
 
 They are written once as PNG files under a cache folder, split into a training set and a
 held-out set, so every dataset class and CLI in bir works on them like on any image folder:
-``python -m bir.data.samples DIR`` writes ``DIR/train`` and ``DIR/holdout``.
+``python -m bir.data.samples DIR`` writes ``DIR/train`` and ``DIR/holdout``;
+``--scales 1 0.5 0.25`` adds area-downscaled copies of the training photographs (more image
+content per 64-px crop for a prior, e.g. ``experiment=prior_folder``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ from bir.data.io import read_image, save_image
 
 #: natural photographs (and photo-like micrographs) bundled with scikit-image, no download needed
 TRAIN_PHOTOS = (
-    "camera", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "coins", "moon",
-    "retina", "brick", "grass", "gravel", "cell", "clock",
+    "camera", "hubble_deep_field", "immunohistochemistry", "coins", "moon", "retina", "brick",
+    "grass", "gravel", "cell", "clock", "motorcycle_left", "motorcycle_right",
 )  # fmt: skip
-#: never used for training in bir's recipes; restoration quality is measured on these
-HOLDOUT_PHOTOS = ("astronaut", "coffee")
+#: never used for training in bir's recipes; restoration quality is measured on these (the four
+#: colour photographs of scenes; ``bir-bench quality`` averages over them)
+HOLDOUT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
 
 def sample_photo(name: str) -> torch.Tensor:
     """One scikit-image photograph as [3, H, W] float in [0, 1]."""
     import skimage.data
 
-    arr = np.asarray(getattr(skimage.data, name)())
+    if name.startswith("motorcycle_"):  # the two views of skimage.data.stereo_motorcycle()
+        arr = np.asarray(skimage.data.stereo_motorcycle()[("left", "right").index(name[11:])])
+    else:
+        arr = np.asarray(getattr(skimage.data, name)())
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.ndim == 2:
@@ -62,10 +68,42 @@ def holdout_image(name: str = "astronaut", size: int | None = None) -> torch.Ten
     return img
 
 
+def write_scaled_copies(folder: str | Path, scales: list[float]) -> list[Path]:
+    """Area-downscaled copies ``<name>_x<scale>.png`` of the training photographs in ``folder``
+    for every scale below 1 (scale 1 is the photograph itself, already there)."""
+    out = []
+    for scale in scales:
+        if not 0 < scale <= 1:
+            raise ValueError(f"--scales: {scale} is not in (0, 1]; give factors like 1 0.5 0.25")
+        if scale == 1:
+            continue
+        for name in TRAIN_PHOTOS:
+            path = Path(folder) / f"{name}_x{scale:g}.png"
+            if not path.exists():
+                img = sample_photo(name)
+                size = [max(1, round(n * scale)) for n in img.shape[-2:]]
+                small = torch.nn.functional.interpolate(img[None], size=size, mode="area")[0]
+                save_image(small.clamp(0, 1), path)
+            out.append(path)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    root = Path(argv[0] if argv else "data/samples")
-    for split, folder in materialize_samples(root).items():
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bir.data.samples", description=__doc__)
+    ap.add_argument(
+        "root", nargs="?", default="data/samples", help="writes ROOT/train, ROOT/holdout"
+    )
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                    help="training copies at these scales (1 = as shipped)")  # fmt: skip
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        folders = materialize_samples(a.root)
+        write_scaled_copies(folders["train"], a.scales)
+    except ValueError as err:
+        ap.exit(2, f"error: {err}\n")
+    for split, folder in folders.items():
         n = len(list(folder.glob("*.png")))
         print(f"{split}: {n} images in {folder}")
         assert read_image(next(folder.glob("*.png"))).shape[0] == 3

@@ -11,7 +11,7 @@ from bir.data.datasets import (
     SamplePhotos,
     collate,
 )
-from bir.data.io import save_image
+from bir.data.io import read_image, save_image
 
 
 def _folder(tmp_path, sizes, sub=""):
@@ -93,11 +93,68 @@ def test_collate_rejects_mixed_sizes():
 def test_sample_photos_and_datamodule(sample_dir):
     train = SamplePhotos(sample_dir, "train", crop_size=32, flip=True, repeat=2)
     hold = SamplePhotos(sample_dir, "holdout", crop_size=32, crop="center")
-    assert len(train) == 26 and {hold[i]["name"] for i in range(len(hold))} == {
-        "astronaut",
-        "coffee",
-    }
+    names = {hold[i]["name"] for i in range(len(hold))}
+    assert len(train) == 26 and names == {"astronaut", "coffee", "chelsea", "rocket"}
     dm = RestorationDataModule(train=train, val=hold, batch_size=4, val_batch_size=2)
     batch = next(iter(dm.train_dataloader()))
     assert batch["gt"].shape == (4, 3, 32, 32) and batch["index"].dtype == torch.long
     assert 0 <= batch["gt"].min() and batch["gt"].max() <= 1
+
+
+def test_scaled_sample_copies(tmp_path):
+    from bir.data.samples import TRAIN_PHOTOS, sample_photo, write_scaled_copies
+
+    paths = write_scaled_copies(tmp_path, [1.0, 0.5])
+    assert len(paths) == len(TRAIN_PHOTOS)  # scale 1 is the photograph itself: no copy
+    moon = read_image(tmp_path / "moon_x0.5.png")
+    full = sample_photo("moon")
+    assert moon.shape[-2:] == (full.shape[-2] // 2, full.shape[-1] // 2)
+    expect = torch.nn.functional.avg_pool2d(full[None], 2)[0]
+    assert (moon - expect).abs().max() <= 1 / 255 + 1e-6  # area = 2x2 mean, 8-bit round-off
+    with pytest.raises(ValueError, match="not in"):
+        write_scaled_copies(tmp_path, [2.0])
+
+
+def test_cached_folder_dataset_hands_out_copies(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for name in "ab":
+        save_image(torch.rand(3, 16, 16, generator=g), tmp_path / f"{name}.png")
+    cached = ImageFolderDataset(tmp_path, cache=True)
+    plain = ImageFolderDataset(tmp_path)
+    first = cached[0]["gt"]
+    first.zero_()  # a consumer writing into its batch must not change the cache
+    torch.testing.assert_close(cached[0]["gt"], plain[0]["gt"])
+    assert set(cached.cache) == {0}
+
+
+def test_prior_folder_experiment_trains_on_any_folder(tmp_path):
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bir.bench_quality import CONF
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 3), ("holdout", 2)):
+        for i in range(n):
+            save_image(torch.rand(3, 80, 90, generator=g), tmp_path / split / f"{split}{i}.png")
+    overrides = ["experiment=prior_folder", f"data.train.root={tmp_path / 'train'}",
+                 f"data.val.root={tmp_path / 'holdout'}"]  # fmt: skip
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+        bare = compose("train", overrides=["experiment=prior_folder"])
+    samples = OmegaConf.load(CONF / "net" / "unet_adm_samples.yaml")
+    assert OmegaConf.to_container(cfg.net) == OmegaConf.to_container(samples)  # same model size
+    assert cfg.data.train.crop_size == 64 and cfg.data.train.cache is True
+    assert OmegaConf.is_missing(bare.data.train, "root") and OmegaConf.is_missing(
+        bare.data.val, "root"
+    )
+    dm = hydra.utils.instantiate(cfg.data)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["gt"].shape == (16, 3, 64, 64) and set(batch["name"]) <= {
+        "train0",
+        "train1",
+        "train2",
+    }
+    val = next(iter(dm.val_dataloader()))
+    assert val["gt"].shape == (2, 3, 128, 128) and val["name"] == ["holdout0", "holdout1"]
