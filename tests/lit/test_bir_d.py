@@ -465,6 +465,24 @@ def test_preset_kernels_are_the_scripts():
     assert {g["name"]: g["lr"] for g in low.param_groups(0.01)} == {"kernel": 1.0, "mask": 1.0}
 
 
+def test_gdp_inpaint_mask_is_the_scripts_quarter_of_random_pixels():
+    # sample_x0_inp.py (deg="inp") removes the first 256^2 // 4 entries of a pixel permutation
+    # (inp_masks/mask.np), all channels: 25% of the pixels missing at random, not a box
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="restore", overrides=["experiment=gdp_inpaint", "input=x", "output=y"]
+        )
+    op = hydra.utils.instantiate(cfg.operator)
+    op.init_batch((2, 3, 64, 64), sample_generators(0, [0, 1]))
+    mask = op.loss_mask()
+    assert mask.shape == (2, 1, 64, 64) and set(mask.unique().tolist()) == {0.0, 1.0}
+    missing = 1 - mask.flatten(1).mean(1)
+    assert ((missing - 0.25).abs() < 0.04).all()  # 4096 pixels: std 0.007
+    assert not torch.equal(mask[0], mask[1])  # drawn per image
+    rows = (1 - mask[0, 0]).sum(1)  # a box hole would leave most rows whole
+    assert (rows > 0).float().mean() > 0.9
+
+
 def test_guidance_scale_sweep_config():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="restore", overrides=["sweep=guidance_scale", "method=gdp", "input=x",
