@@ -66,7 +66,10 @@ EXPECTED_MARKED = [
     ("slurm", "bir-report multirun/restore/<time>"),
     ("slurm", "make slurm-down"),
     ("slow", "bir-train experiment=prior_samples run_name=prior_samples"),
+    ("slow", "python -m bir.data.samples data/photos --scales 1 0.5 0.25"),
+    ("slow", "bir-train experiment=prior_folder data.train.root=data/photos/train"),
     ("slow", "bir-bench quality --quick"),
+    ("skip", "bir-bench quality --prior"),
     ("skip", "docker build -f docker/Dockerfile -t bir ."),
     ("skip", "docker run --gpus all --ipc=host"),
     ("skip", "docker run --gpus all -v /weights:/weights"),
@@ -89,9 +92,9 @@ SIZE_OVERRIDES: list[tuple[str, list[str], str]] = [
     (r"^bir-train -m launcher=slurm experiment=quickstart",
      [*TINY_TRAIN[:-1], "trainer.max_steps=3", "trainer.log_every_n_steps=1"],
      "3 steps of 32 px crops"),
-    (r"^bir-train experiment=prior_samples",
+    (r"^bir-train experiment=prior_(samples|folder)",
      ["trainer.max_steps=2", "data.batch_size=2", "model.sample_every_n_steps=0"],
-     "2 steps instead of 1200 (28 min)"),
+     "2 steps instead of 1200 (28-35 min)"),
     (r"^bir-bench quality",
      ["--tasks", "denoise", "--methods", "GDP"], "one task and one method of the table"),
 ]  # fmt: skip
@@ -337,6 +340,7 @@ def test_slow_readme_commands(tmp_path):
             shutil.rmtree(run, ignore_errors=True)
     assert not failures, "README commands failed:\n\n" + "\n\n".join(failures)
     assert (tmp_path / "outputs/prior_samples/prior_samples/checkpoints/last.ckpt").is_file()
+    assert (tmp_path / "outputs/prior_folder/photos/checkpoints/last.ckpt").is_file()
     assert (tmp_path / "outputs/quickstart/again/checkpoints/last.ckpt").is_file()
     sweep = max((tmp_path / "multirun" / "restore").glob("*"), key=lambda p: p.stat().st_mtime)
     assert len((sweep / "report.csv").read_text().strip().splitlines()) == 1 + 10  # 5 x 2 jobs
