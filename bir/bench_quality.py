@@ -519,12 +519,14 @@ def run(a: argparse.Namespace) -> None:
     task_names = [t.name for t in all_tasks]
     table = format_table(summary, task_names)
     stochastic = (
-        f"seeds {' '.join(map(str, a.seeds))}" if len(a.seeds) > 1 else f"seed {a.seeds[0]}"
+        f"mean over seeds {' '.join(map(str, a.seeds))} ± the standard deviation over seeds"
+        if len(a.seeds) > 1
+        else f"seed {a.seeds[0]} only (no spread)"
     )
     header = (
-        f"PSNR (dB) / SSIM, mean over {len(names)} image(s) at {a.size} px; method rows: mean over "
-        f"{stochastic} ± the standard deviation over seeds; observations from data seed "
-        f"{a.data_seed}. Bold: best PSNR (input and oracle rows excluded).\n\n"
+        f"PSNR (dB) / SSIM, mean over {len(names)} image(s) at {a.size} px; method rows: "
+        f"{stochastic}; observations from data seed {a.data_seed}. "
+        "Bold: best PSNR (input and oracle rows excluded).\n\n"
     )
     presets = "; ".join(
         f"{label}: " + ", ".join(f"{t} {RELEASED[m][t]}" for t in task_names if RELEASED[m][t])
