@@ -149,15 +149,16 @@ class ImageFolderDataset(Dataset):
         """Decode file ``i``; on failure skip it (one warning) and fall back to the next file."""
         n = len(self.files)
         for k in range(n):
-            path = self.files[(i + k) % n]
+            j = (i + k) % n
+            path = self.files[j]
             if str(path) in self.skipped:
                 continue
-            if self.cache is not None and (i + k) % n in self.cache:
-                return self.cache[(i + k) % n]
+            if self.cache is not None and j in self.cache:
+                return self.cache[j]
             try:
                 img = read_image(path)
                 if self.cache is not None:
-                    self.cache[(i + k) % n] = img
+                    self.cache[j] = img
                 return img
             except ImageReadError as err:
                 self.skipped.add(str(path))
@@ -192,9 +193,8 @@ class ImageFolderDataset(Dataset):
         i = index % len(self.files)
         g = sample_generators(self.seed, [index], "cpu", AUGMENT_STREAM)[0]
         img = self._augment(self._crop(self.load(i), g), g)
-        img = (
-            img.clone() if self.cache is not None else img.contiguous()
-        )  # never hand out the cache
+        # a cached image is never handed out: a consumer may write into its batch
+        img = img.clone() if self.cache is not None else img.contiguous()
         return {self.key: img, "name": self.name_of(i), "index": index}
 
 
