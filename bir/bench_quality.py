@@ -91,10 +91,10 @@ def tasks(kernel_size: int) -> list[Task]:
             0.01,
             blind=True,
             baselines=["blind_richardson_lucy", *DECONV, "swinir"],
-        ),  # fmt: skip
+        ),
         Task(
             "motion_deblur", motion, 0.01, blind=True, baselines=["blind_richardson_lucy", *DECONV]
-        ),  # fmt: skip
+        ),
         Task("sr_x4", {"kind": "bicubic", "scale": 4}, 0.0, baselines=["bicubic"]),
         Task("denoise", {"kind": "identity"}, 25 / 255, baselines=["tv", "swinir"]),
         Task(
@@ -102,7 +102,7 @@ def tasks(kernel_size: int) -> list[Task]:
             {"kind": "inpaint", "mask_kind": "random", "keep_ratio": 0.75},
             0.0,
             baselines=["biharmonic"],
-        ),  # fmt: skip
+        ),
         Task("lowlight", {"kind": "identity"}, 0.01, lowlight_factor=0.25, baselines=["gain"]),
     ]
 
@@ -127,10 +127,14 @@ def baseline_label(kind: str, task: Task) -> str:
     if kind in DECONV:
         name = {"wiener": "Wiener", "richardson_lucy": "Richardson-Lucy"}[kind]
         return f"{name} (oracle: true kernel)" if task.blind else f"{name} (true kernel)"
-    return {"swinir": "SwinIR (quickstart)", "bicubic": "bicubic",
-            "blind_richardson_lucy": "Richardson-Lucy (blind, estimates the kernel)",
-            "tv": "TV denoising (estimates sigma)", "biharmonic": "biharmonic inpainting (mask)",
-            "gain": "gain (estimated from y)"}[kind]  # fmt: skip
+    return {
+        "swinir": "SwinIR (quickstart)",
+        "bicubic": "bicubic",
+        "blind_richardson_lucy": "Richardson-Lucy (blind, estimates the kernel)",
+        "tv": "TV denoising (estimates sigma)",
+        "biharmonic": "biharmonic inpainting (mask)",
+        "gain": "gain (estimated from y)",
+    }[kind]
 
 
 def is_oracle(label: str) -> bool:
@@ -194,20 +198,33 @@ def method_operator(method: str, task: Task, truth: dict, kernel_size: int):
         padding = task.op_spec["padding"]
         if method == "bird":
             return KernelMLPBlur(kernel_size=kernel_size, padding=padding)
-        return KernelMaskOperator(kernel_size=kernel_size, channels=3, init_sigma=1.0,
-                                  padding=padding)  # fmt: skip
+        return KernelMaskOperator(
+            kernel_size=kernel_size, channels=3, init_sigma=1.0, padding=padding
+        )
     return truth["operator"]
 
 
-def run_method(method: str, overrides: list[str], experiment: str | None, prior, task: Task,
-               y: torch.Tensor, truth: dict, kernel_size: int, seed: int) -> torch.Tensor:  # fmt: skip
+def run_method(
+    method: str,
+    overrides: list[str],
+    experiment: str | None,
+    prior,
+    task: Task,
+    y: torch.Tensor,
+    truth: dict,
+    kernel_size: int,
+    seed: int,
+) -> torch.Tensor:
     import hydra
 
     cfg = compose_method(method, [*overrides, f"seed={seed}"], experiment)
     op = method_operator(method, task, truth, kernel_size)
     module = hydra.utils.instantiate(cfg.method, prior=prior, operator=op)
-    batch = {"lq": y, "name": [f"{task.name}_{i}" for i in range(y.shape[0])],
-             "index": torch.arange(y.shape[0])}  # fmt: skip
+    batch = {
+        "lq": y,
+        "name": [f"{task.name}_{i}" for i in range(y.shape[0])],
+        "index": torch.arange(y.shape[0]),
+    }
     with torch.inference_mode(False), torch.enable_grad():
         out = module.predict_step(batch, 0)
     return out["restored"].detach()
@@ -233,16 +250,34 @@ METHODS = {
 #: released no script for it). BIRD has no low-light script; GDP's released x0 scripts have no
 #: blind deblurring or denoising; BIR-D's no plain denoising.
 RELEASED = {
-    "bird": {"deblur_known": "bird_deblur", "deblur_blind": "bird_deblur",
-             "motion_deblur": "bird_deblur", "sr_x4": "bird_sr8", "denoise": "bird_denoise",
-             "inpaint_25": "bird_inpaint", "lowlight": None},
-    "bir_d": {"deblur_known": "bir_d_deblur", "deblur_blind": "bir_d_blind",
-              "motion_deblur": "bir_d_blind", "sr_x4": "bir_d_sr4", "denoise": None,
-              "inpaint_25": "bir_d_inpaint", "lowlight": "bir_d_lowlight"},
-    "gdp": {"deblur_known": "gdp_deblur", "deblur_blind": None, "motion_deblur": None,
-            "sr_x4": "gdp_sr4", "denoise": None, "inpaint_25": "gdp_inpaint",
-            "lowlight": "gdp_lowlight"},
-}  # fmt: skip
+    "bird": {
+        "deblur_known": "bird_deblur",
+        "deblur_blind": "bird_deblur",
+        "motion_deblur": "bird_deblur",
+        "sr_x4": "bird_sr8",
+        "denoise": "bird_denoise",
+        "inpaint_25": "bird_inpaint",
+        "lowlight": None,
+    },
+    "bir_d": {
+        "deblur_known": "bir_d_deblur",
+        "deblur_blind": "bir_d_blind",
+        "motion_deblur": "bir_d_blind",
+        "sr_x4": "bir_d_sr4",
+        "denoise": None,
+        "inpaint_25": "bir_d_inpaint",
+        "lowlight": "bir_d_lowlight",
+    },
+    "gdp": {
+        "deblur_known": "gdp_deblur",
+        "deblur_blind": None,
+        "motion_deblur": None,
+        "sr_x4": "gdp_sr4",
+        "denoise": None,
+        "inpaint_25": "gdp_inpaint",
+        "lowlight": "gdp_lowlight",
+    },
+}
 SETTINGS = ("quick", "released")
 
 
@@ -264,24 +299,39 @@ def load_prior(ckpt: Path, size: int):
     net = hydra.utils.instantiate(net_cfg)
     # image_size = the benchmark's size: the nets are convolutional, so the whole image goes
     # through the network (no patch grid, which would cost 9 network calls per step at 128 px)
-    return PixelPrior(net, str(ckpt), dict(cfg.prior.schedule), learned_sigma=True,
-                      image_size=size, checkpoint_what="pixel prior")  # fmt: skip
+    return PixelPrior(
+        net,
+        str(ckpt),
+        dict(cfg.prior.schedule),
+        learned_sigma=True,
+        image_size=size,
+        checkpoint_what="pixel prior",
+    )
 
 
 def ensure_prior(path: str | None, budget_steps: int) -> Path:
     if path:
         if not Path(path).is_file():
-            raise UsageError(f"--prior {path}: no such checkpoint (train one with `bir-train "
-                             "experiment=prior_samples` or experiment=prior_folder)")  # fmt: skip
+            raise UsageError(
+                f"--prior {path}: no such checkpoint (train one with `bir-train "
+                "experiment=prior_samples` or experiment=prior_folder)"
+            )
         return Path(path)
     ckpt = PRIOR_RUN / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         print(
             f"training the sample prior ({budget_steps} steps): bir-train experiment=prior_samples"
         )
-        subprocess.run([str(Path(sys.executable).parent / "bir-train"), "experiment=prior_samples",
-                        "run_name=prior_samples", f"trainer.max_steps={budget_steps}",
-                        "callbacks.progress_bar=null"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "bir-train"),
+                "experiment=prior_samples",
+                "run_name=prior_samples",
+                f"trainer.max_steps={budget_steps}",
+                "callbacks.progress_bar=null",
+            ],
+            check=True,
+        )
     return ckpt
 
 
@@ -297,8 +347,10 @@ def find_swinir(path: str | None = None):
             QUICKSTART_ROOT.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
         )
         if not runs:
-            print(f"no quickstart SwinIR under {QUICKSTART_ROOT.resolve()} (run `make demo` or pass "
-                  "--swinir RUN/checkpoints/last.ckpt): its rows are left out")  # fmt: skip
+            print(
+                f"no quickstart SwinIR under {QUICKSTART_ROOT.resolve()} (run `make demo` or pass "
+                "--swinir RUN/checkpoints/last.ckpt): its rows are left out"
+            )
             return None
         ckpt = runs[-1]
     import hydra
@@ -328,19 +380,24 @@ def resolve_images(specs: list[str]) -> list[tuple[str, Path | None]]:
             except FolderError:
                 files = []
             if not files:
-                raise UsageError(f"--images {spec}: the folder holds no image "
-                                 f"({', '.join(IMAGE_SUFFIXES)})")  # fmt: skip
+                raise UsageError(
+                    f"--images {spec}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)})"
+                )
             found += [(str(f.relative_to(path).with_suffix("")), f) for f in files]
         elif path.is_file():
             found.append((path.stem, path))
         elif spec in (*HOLDOUT_PHOTOS, *TRAIN_PHOTOS) or hasattr(skimage.data, spec):
             if spec in TRAIN_PHOTOS:
-                print(f"warning: {spec} is a training photograph of bir's sample priors and the "
-                      "quickstart SwinIR: it is not held out for them")  # fmt: skip
+                print(
+                    f"warning: {spec} is a training photograph of bir's sample priors and the "
+                    "quickstart SwinIR: it is not held out for them"
+                )
             found.append((spec, None))
         else:
-            raise UsageError(f"--images {spec}: not an image file, a folder or a scikit-image "
-                             f"sample name (held out: {', '.join(HOLDOUT_PHOTOS)})")  # fmt: skip
+            raise UsageError(
+                f"--images {spec}: not an image file, a folder or a scikit-image "
+                f"sample name (held out: {', '.join(HOLDOUT_PHOTOS)})"
+            )
     names = [n for n, _ in found]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
@@ -388,8 +445,13 @@ def format_table(summary: dict, task_names: list[str]) -> str:
     def eligible(row: str) -> bool:
         return row != "degraded input" and not is_oracle(row)
 
-    best = {t: max((r[t]["psnr"] for row, r in summary.items() if t in r and eligible(row)),
-                   default=math.nan) for t in task_names}  # fmt: skip
+    best = {
+        t: max(
+            (r[t]["psnr"] for row, r in summary.items() if t in r and eligible(row)),
+            default=math.nan,
+        )
+        for t in task_names
+    }
     lines = ["| row | " + " | ".join(task_names) + " |", "|---|" + "---|" * len(task_names)]
     for row, cells in summary.items():
         out = []
@@ -408,28 +470,51 @@ def format_table(summary: dict, task_names: list[str]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bir-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("suite", choices=["quality"])
-    ap.add_argument("--quick", action="store_true",
-                    help="a fast look: one 64-px photo, seed 0, quick settings only")  # fmt: skip
-    ap.add_argument("--prior", default=None,
-                    help="prior checkpoint (default: train/load the sample prior)")  # fmt: skip
-    ap.add_argument("--prior-steps", type=int, default=1200,
-                    help="steps if the sample prior must be trained")  # fmt: skip
-    ap.add_argument("--swinir", default=None, help="quickstart SwinIR checkpoint (default: newest "
-                    "outputs/quickstart/*/checkpoints/last.ckpt)")  # fmt: skip
-    ap.add_argument("--images", nargs="+", default=None,
-                    help="image files, folders and scikit-image names (default: the held-out "
-                    f"photographs {' '.join(HOLDOUT_PHOTOS)})")  # fmt: skip
-    ap.add_argument("--crop", type=int, default=256,
-                    help="centre square crop (px, at most the shorter side) before resizing")  # fmt: skip
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a fast look: one 64-px photo, seed 0, quick settings only",
+    )
+    ap.add_argument(
+        "--prior", default=None, help="prior checkpoint (default: train/load the sample prior)"
+    )
+    ap.add_argument(
+        "--prior-steps", type=int, default=1200, help="steps if the sample prior must be trained"
+    )
+    ap.add_argument(
+        "--swinir",
+        default=None,
+        help="quickstart SwinIR checkpoint (default: newest "
+        "outputs/quickstart/*/checkpoints/last.ckpt)",
+    )
+    ap.add_argument(
+        "--images",
+        nargs="+",
+        default=None,
+        help="image files, folders and scikit-image names (default: the held-out "
+        f"photographs {' '.join(HOLDOUT_PHOTOS)})",
+    )
+    ap.add_argument(
+        "--crop",
+        type=int,
+        default=256,
+        help="centre square crop (px, at most the shorter side) before resizing",
+    )
     ap.add_argument(
         "--size", type=int, default=None, help="image size in px (default 128; quick 64)"
     )
     ap.add_argument("--tasks", nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
-    ap.add_argument("--settings", nargs="+", choices=SETTINGS, default=None,
-                    help="method rows: quick and/or released (default both; quick: quick)")  # fmt: skip
-    ap.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="method seeds (default 0 1 2; quick: 0)")  # fmt: skip
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=None,
+        help="method rows: quick and/or released (default both; quick: quick)",
+    )
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="method seeds (default 0 1 2; quick: 0)"
+    )
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the observations")
     ap.add_argument("--out", default="outputs/bench_quality")
     a = ap.parse_args(argv)
@@ -476,8 +561,17 @@ def run(a: argparse.Namespace) -> None:
         img = img.clamp(0, 1)
         p, s = psnr(img, x), ssim(img, x)
         for i, name in enumerate(names):
-            records.append({"task": task.name, "row": row, "image": name, "seed": seed,
-                            "psnr": p[i].item(), "ssim": s[i].item(), "seconds": secs})  # fmt: skip
+            records.append(
+                {
+                    "task": task.name,
+                    "row": row,
+                    "image": name,
+                    "seed": seed,
+                    "psnr": p[i].item(),
+                    "ssim": s[i].item(),
+                    "seconds": secs,
+                }
+            )
 
     for task in all_tasks:
         y, truth = observe(task, x, a.data_seed)
@@ -501,8 +595,9 @@ def run(a: argparse.Namespace) -> None:
                 for seed in a.seeds:
                     t0 = time.time()
                     extra = quick_ov if setting == "quick" else []
-                    img = run_method(method, [*ov, *extra], experiment, prior, task, y, truth,
-                                     kernel_size, seed)  # fmt: skip
+                    img = run_method(
+                        method, [*ov, *extra], experiment, prior, task, y, truth, kernel_size, seed
+                    )
                     secs = time.time() - t0
                     record(row, task, img, seed, secs)
                     grid.setdefault(row, img)
@@ -510,12 +605,16 @@ def run(a: argparse.Namespace) -> None:
         cols = [torch.cat(list(r.clamp(0, 1)), dim=-2) for r in [*grid.values(), x]]
         save_image(torch.cat(cols, dim=-1), out / f"grid_{task.name}.png")
         done = summarise([r for r in records if r["task"] == task.name])
-        print(f"{task.name}: " + ", ".join(f"{k} {v[task.name]['psnr']:.2f}" for k, v in done.items()),
-              flush=True)  # fmt: skip
+        print(
+            f"{task.name}: "
+            + ", ".join(f"{k} {v[task.name]['psnr']:.2f}" for k, v in done.items()),
+            flush=True,
+        )
 
     # rows: the input, the baselines, then the methods (in the order they ran)
-    summary = summarise(sorted(records, key=lambda r: (r["row"] != "degraded input",
-                                                       r["seed"] is not None)))  # fmt: skip
+    summary = summarise(
+        sorted(records, key=lambda r: (r["row"] != "degraded input", r["seed"] is not None))
+    )
     task_names = [t.name for t in all_tasks]
     table = format_table(summary, task_names)
     stochastic = (

@@ -157,10 +157,18 @@ def _git_state() -> dict:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=5).stdout.strip()  # fmt: skip
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
-                                    text=True, timeout=5).stdout.strip())  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+        )
         return {"commit": commit or None, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -284,8 +292,12 @@ def restore(cfg: DictConfig) -> dict:
     writer = writers[0]
     done = writer.done_names() if cfg.resume else set()
     dataset = RestoreFolderDataset(cfg.input, gt=cfg.get("gt"), exclude=done)
-    counts = {"total": len(dataset.all_names), "done_before": len(done),
-              "to_restore": len(dataset), "unreadable": len(dataset.skipped)}  # fmt: skip
+    counts = {
+        "total": len(dataset.all_names),
+        "done_before": len(done),
+        "to_restore": len(dataset),
+        "unreadable": len(dataset.skipped),
+    }
     log.info("restore: %s", counts)
     if len(dataset) == 0:
         log.info("nothing to restore: every output in %s exists", cfg.output)
@@ -294,8 +306,13 @@ def restore(cfg: DictConfig) -> dict:
     model = hydra.utils.instantiate(cfg.method)
     logger = instantiate_logger(cfg.get("logger"), cfg)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
-                        num_workers=cfg.num_workers, collate_fn=collate)  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+    )
     try:
         trainer.predict(model, dataloaders=loader, return_predictions=False)
     finally:

@@ -159,8 +159,10 @@ def evaluate_folders(
         if x is None or y is None:
             row.update(status="unreadable", error="; ".join(e for e in (err_x, err_y) if e))
         elif x.shape != y.shape:
-            row.update(status="size_mismatch",
-                       error=f"pred {tuple(x.shape[1:])} vs gt {tuple(y.shape[1:])}")  # fmt: skip
+            row.update(
+                status="size_mismatch",
+                error=f"pred {tuple(x.shape[1:])} vs gt {tuple(y.shape[1:])}",
+            )
         else:
             _score(row, x[None].to(device), y[None].to(device), fr_fns, nr_models, acc)
         rows.append(row)
@@ -196,10 +198,14 @@ def evaluate_folders(
         ok_pred = [Path(r["pred"]) for r in rows if r["pred"]]
         gt_files = [Path(r["gt"]) for r in rows if r["gt"]]
         summary["distribution"] = M.distribution_metrics(
-            _readable_images(ok_pred), _readable_images(gt_files), metrics=dist,
-            feature_extractor=feature_extractor, inception_weights=weights.get("inception"),
-            kid_subset_size=kid_subset_size, device=device,
-        )  # fmt: skip
+            _readable_images(ok_pred),
+            _readable_images(gt_files),
+            metrics=dist,
+            feature_extractor=feature_extractor,
+            inception_weights=weights.get("inception"),
+            kid_subset_size=kid_subset_size,
+            device=device,
+        )
     return rows, summary
 
 
@@ -283,10 +289,15 @@ def evaluate(cfg: DictConfig) -> dict:
     weights = OmegaConf.to_container(cfg.weights, resolve=True) if cfg.get("weights") else {}
     check_writable_folder(Path(cfg.out).parent, key="out (its folder)")  # before any work
     rows, summary = evaluate_folders(
-        cfg.pred, cfg.gt, metrics=list(cfg.metrics), crop_border=int(cfg.crop_border),
-        y_channel=bool(cfg.y_channel), device=cfg.device, weights=weights,
+        cfg.pred,
+        cfg.gt,
+        metrics=list(cfg.metrics),
+        crop_border=int(cfg.crop_border),
+        y_channel=bool(cfg.y_channel),
+        device=cfg.device,
+        weights=weights,
         kid_subset_size=int(cfg.kid_subset_size),
-    )  # fmt: skip
+    )
     out, md, js = write_results(rows, summary, cfg.out)
     print(summary_markdown(summary))
     print(f"per-image rows: {out}\nsummary: {md}, {js}")

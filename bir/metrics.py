@@ -389,8 +389,9 @@ def distribution_metrics(
             running[name] = FrechetInceptionDistance(feature=feature, **kwargs)
         else:
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            running[name] = KernelInceptionDistance(feature=feature, subsets=kid_subsets,
-                                                    subset_size=kid_subset_size, **kwargs)  # fmt: skip
+            running[name] = KernelInceptionDistance(
+                feature=feature, subsets=kid_subsets, subset_size=kid_subset_size, **kwargs
+            )
         running[name] = running[name].to(device)  # torchmetrics keeps its sums in float64
     counts = {}
     # Each iterable is consumed once (images are streamed, not held in memory).
@@ -449,9 +450,11 @@ class NoReferenceIQA(nn.Module):
         if weights_path is not None:
             if not Path(weights_path).is_file():
                 raise missing_checkpoint_error(
-                    weights_path, f"{name} (pyiqa)", "https://github.com/chaofengc/IQA-PyTorch/releases",
+                    weights_path,
+                    f"{name} (pyiqa)",
+                    "https://github.com/chaofengc/IQA-PyTorch/releases",
                     f"weights.{name}",
-                )  # fmt: skip
+                )
             kwargs["pretrained_model_path"] = str(weights_path)
         self.metric = pyiqa.create_metric(NO_REFERENCE_METRICS[name], device="cpu", **kwargs)
 
@@ -505,8 +508,12 @@ class MetricAccumulator(Metric):
             n = float(self.count[i])
             mean = float(self.total[i]) / n if n else math.nan
             var = max(float(self.total_sq[i]) / n - mean**2, 0.0) if n else math.nan
-            out[name] = {"mean": mean, "std": math.sqrt(var), "count": int(n),
-                         "nonfinite": int(self.nonfinite[i])}  # fmt: skip
+            out[name] = {
+                "mean": mean,
+                "std": math.sqrt(var),
+                "count": int(n),
+                "nonfinite": int(self.nonfinite[i]),
+            }
         return out
 
 

@@ -151,8 +151,11 @@ def plot(
         groups[tuple(f"{k.rsplit('.', 1)[-1]}={r.get(k)}" for k in group_keys)].append(r)
     for ax, m in zip(axes[0], metrics):
         for g, rs in sorted(groups.items()):
-            pts = sorted((_num(r.get(x_key)), r.get(m)) for r in rs
-                         if _num(r.get(x_key)) is not None and r.get(m) is not None)  # fmt: skip
+            pts = sorted(
+                (_num(r.get(x_key)), r.get(m))
+                for r in rs
+                if _num(r.get(x_key)) is not None and r.get(m) is not None
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=" ".join(g) or None)
         ax.set_xlabel(x_key)
@@ -186,8 +189,9 @@ def report(
     out = Path(out) if out else sweep_dir
     metric_keys = {k for r in rows for k in r if isinstance(r[k], float)}
     override_keys = [k for k in rows[0] if k not in metric_keys and k != "job"]
-    override_keys += [k for r in rows for k in r if k not in metric_keys and k != "job"
-                      and k not in override_keys]  # fmt: skip
+    override_keys += [
+        k for r in rows for k in r if k not in metric_keys and k != "job" and k not in override_keys
+    ]
     swept = swept_keys(rows, metric_keys)
     names = short_names(swept)
     for r in rows:

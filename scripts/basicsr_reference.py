@@ -39,7 +39,7 @@ REAL_ESRGAN_OPT = {
         "generalized_aniso",
         "plateau_iso",
         "plateau_aniso",
-    ],  # fmt: skip
+    ],
     "kernel_prob": [0.45, 0.25, 0.12, 0.03, 0.12, 0.03],
     "sinc_prob": 0.1,
     "blur_sigma": [0.2, 3.0],
@@ -52,7 +52,7 @@ REAL_ESRGAN_OPT = {
         "generalized_aniso",
         "plateau_iso",
         "plateau_aniso",
-    ],  # fmt: skip
+    ],
     "kernel_prob2": [0.45, 0.25, 0.12, 0.03, 0.12, 0.03],
     "sinc_prob2": 0.1,
     "blur_sigma2": [0.2, 1.5],

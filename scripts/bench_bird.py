@@ -34,10 +34,15 @@ class SmallEpsNet(nn.Module):
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.time = nn.Sequential(nn.Linear(2, width), nn.SiLU(), nn.Linear(width, width))
         self.body = nn.Sequential(
-            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, stride=2, padding=1),
-            nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
-            nn.Upsample(scale_factor=2.0), nn.Conv2d(width, width, 3, padding=1),
-        )  # fmt: skip
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.GroupNorm(8, width),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.Upsample(scale_factor=2.0),
+            nn.Conv2d(width, width, 3, padding=1),
+        )
         self.out = nn.Conv2d(width, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -54,9 +59,17 @@ def make_net() -> tuple[nn.Module, str, bool]:
         from bir.nets.unet import UNetModel
     except ImportError:
         return SmallEpsNet(), "SmallEpsNet (bir.nets.unet not available)", False
-    net = UNetModel(in_channels=3, model_channels=64, out_channels=6, num_res_blocks=1,
-                    attention_resolutions=(4,), channel_mult=(1, 2, 2), num_head_channels=32,
-                    use_scale_shift_norm=True, resblock_updown=True)  # fmt: skip
+    net = UNetModel(
+        in_channels=3,
+        model_channels=64,
+        out_channels=6,
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        channel_mult=(1, 2, 2),
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    )
     nn.init.normal_(net.out[-1].weight, std=0.02)  # released init is zero: eps would be 0
     n = sum(p.numel() for p in net.parameters()) / 1e6
     return (
@@ -114,8 +127,10 @@ def main() -> None:
     torch.manual_seed(0)
     net, net_name, learned_sigma = make_net()
     prior = PixelPrior(net, None, learned_sigma=learned_sigma, image_size=args.size).to(device)
-    print(f"device {device}, prior {net_name}, {args.size}px, {args.iterations} iterations, "
-          f"delta_t {args.delta_t}, kernel MLP {args.kernel_size}")  # fmt: skip
+    print(
+        f"device {device}, prior {net_name}, {args.size}px, {args.iterations} iterations, "
+        f"delta_t {args.delta_t}, kernel MLP {args.kernel_size}"
+    )
     header = (
         f"{'network_grad':>12} {'B':>3} {'s/image':>9} {'BIRD s':>8} {'bare s':>8} {'ratio':>6}"
     )
@@ -124,11 +139,23 @@ def main() -> None:
     for network_grad in (False, True):
         for b in args.batch_sizes:
             operator = KernelMLPBlur(kernel_size=args.kernel_size)
-            bird = BIRD(prior, operator, delta_t=args.delta_t, iterations=args.iterations,
-                        network_grad=network_grad, size_multiple=8).to(device)  # fmt: skip
+            bird = BIRD(
+                prior,
+                operator,
+                delta_t=args.delta_t,
+                iterations=args.iterations,
+                network_grad=network_grad,
+                size_multiple=8,
+            ).to(device)
             y = torch.rand(b, 3, args.size, args.size, device=device)
-            warm = BIRD(prior, KernelMLPBlur(kernel_size=args.kernel_size), delta_t=args.delta_t,
-                        iterations=1, network_grad=network_grad, size_multiple=8).to(device)  # fmt: skip
+            warm = BIRD(
+                prior,
+                KernelMLPBlur(kernel_size=args.kernel_size),
+                delta_t=args.delta_t,
+                iterations=1,
+                network_grad=network_grad,
+                size_multiple=8,
+            ).to(device)
             time_bird(warm, y, device)
             # interleaved repeats, minimum of each: robust to other load on a shared machine
             totals, bares = [], []
@@ -136,8 +163,11 @@ def main() -> None:
                 totals.append(time_bird(bird, y, device))
                 bares.append(time_bare(bird, tuple(y.shape), args.iterations, device))
             total, bare = min(totals), min(bares)
-            print(f"{str(network_grad):>12} {b:>3} {total / b:>9.3f} {total:>8.2f} {bare:>8.2f} "
-                  f"{total / bare:>6.2f}", flush=True)  # fmt: skip
+            print(
+                f"{str(network_grad):>12} {b:>3} {total / b:>9.3f} {total:>8.2f} {bare:>8.2f} "
+                f"{total / bare:>6.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,17 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
 
     torch.manual_seed(0)
-    net = UNetModel(in_channels=3, model_channels=args.channels, out_channels=6, num_res_blocks=2,
-                    attention_resolutions=[4, 8], channel_mult=[1, 2, 2, 2], num_head_channels=32,
-                    use_scale_shift_norm=True, resblock_updown=True)  # fmt: skip
+    net = UNetModel(
+        in_channels=3,
+        model_channels=args.channels,
+        out_channels=6,
+        num_res_blocks=2,
+        attention_resolutions=[4, 8],
+        channel_mult=[1, 2, 2, 2],
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    )
     net = net.to(device).eval().requires_grad_(False)
     schedule = DiffusionSchedule(make_betas("linear", 1000), space_timesteps(1000, args.steps))
     model = DiffusionModel(net, schedule, learned_sigma=True)

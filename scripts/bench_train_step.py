@@ -132,13 +132,18 @@ def main() -> None:
                             cfg, batch, crop, device, variant, args.steps, args.warmup
                         )
                     except Exception as err:  # e.g. torch.compile without a compiler
-                        print(f"{model:<16}{device.type:<8}{batch:>6}{crop:>6}  {variant.name:<28}"
-                              f"{'failed':>10}  {type(err).__name__}: {str(err)[:60]}")  # fmt: skip
+                        print(
+                            f"{model:<16}{device.type:<8}{batch:>6}{crop:>6}  {variant.name:<28}"
+                            f"{'failed':>10}  {type(err).__name__}: {str(err)[:60]}"
+                        )
                         continue
                     baseline = rate if variant == Variant() else baseline
                     ratio = f"{rate / baseline:.2f}x" if baseline else "-"
-                    print(f"{model:<16}{device.type:<8}{batch:>6}{crop:>6}  {variant.name:<28}"
-                          f"{rate:>10.3f}{ratio:>9}", flush=True)  # fmt: skip
+                    print(
+                        f"{model:<16}{device.type:<8}{batch:>6}{crop:>6}  {variant.name:<28}"
+                        f"{rate:>10.3f}{ratio:>9}",
+                        flush=True,
+                    )
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 

@@ -79,23 +79,57 @@ class Plan:
 BIRD_ITERATIONS = 100  # the released BIRD's iterations per image (deblurring)
 
 REAL = Plan(
-    controlnet="controlnet_sd21", swinir="swinir_diffbir", prior="adm256_uncond",
-    stage2_size=512, stage2_max_batch=64, stage2_steps=3,
-    swinir_crop=512, swinir_batch=8, swinir_steps=10, compile=True,
-    diffbir_size=512, diffbir_large=2048, diffbir_steps=50, diffbir_memory_steps=2,
-    bird_size=256, bird_batch=8, bird_delta_t=100, bird_iterations=2,
-    bir_d_size=256, bir_d_batch=8, bir_d_steps=100,
-    degradation_batch=32, degradation_size=256, degradation_repeats=3,
-)  # fmt: skip
+    controlnet="controlnet_sd21",
+    swinir="swinir_diffbir",
+    prior="adm256_uncond",
+    stage2_size=512,
+    stage2_max_batch=64,
+    stage2_steps=3,
+    swinir_crop=512,
+    swinir_batch=8,
+    swinir_steps=10,
+    compile=True,
+    diffbir_size=512,
+    diffbir_large=2048,
+    diffbir_steps=50,
+    diffbir_memory_steps=2,
+    bird_size=256,
+    bird_batch=8,
+    bird_delta_t=100,
+    bird_iterations=2,
+    bir_d_size=256,
+    bir_d_batch=8,
+    bir_d_steps=100,
+    degradation_batch=32,
+    degradation_size=256,
+    degradation_repeats=3,
+)
 SMOKE = Plan(
-    controlnet="controlnet_tiny", swinir="swinir_tiny", prior="tiny",
-    stage2_size=32, stage2_max_batch=1, stage2_steps=1,
-    swinir_crop=32, swinir_batch=2, swinir_steps=1, compile=False,
-    diffbir_size=32, diffbir_large=64, diffbir_steps=2, diffbir_memory_steps=1,
-    bird_size=16, bird_batch=2, bird_delta_t=500, bird_iterations=1,
-    bir_d_size=16, bir_d_batch=2, bir_d_steps=2,
-    degradation_batch=2, degradation_size=32, degradation_repeats=1,
-)  # fmt: skip
+    controlnet="controlnet_tiny",
+    swinir="swinir_tiny",
+    prior="tiny",
+    stage2_size=32,
+    stage2_max_batch=1,
+    stage2_steps=1,
+    swinir_crop=32,
+    swinir_batch=2,
+    swinir_steps=1,
+    compile=False,
+    diffbir_size=32,
+    diffbir_large=64,
+    diffbir_steps=2,
+    diffbir_memory_steps=1,
+    bird_size=16,
+    bird_batch=2,
+    bird_delta_t=500,
+    bird_iterations=1,
+    bir_d_size=16,
+    bir_d_batch=2,
+    bir_d_steps=2,
+    degradation_batch=2,
+    degradation_size=32,
+    degradation_repeats=1,
+)
 
 
 @dataclass
@@ -134,9 +168,16 @@ class Row:
 
 
 HEADER = [
-    "measurement", "setting", "metric", "value", "baseline (same run)", "ratio", "peak GiB",
-    "max |diff| vs fp32", "note",
-]  # fmt: skip
+    "measurement",
+    "setting",
+    "metric",
+    "value",
+    "baseline (same run)",
+    "ratio",
+    "peak GiB",
+    "max |diff| vs fp32",
+    "note",
+]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -288,13 +329,34 @@ def stage2_training(plan: Plan, device: torch.device) -> list[Row]:
     reset_peak(device)
     size, cap = plan.stage2_size, plan.stage2_max_batch
     return [
-        Row(f"stage-2 train {size} px", "fp32, no checkpointing", "largest batch", b0,
-            peak_gib=mem0, note=f"capped at {cap}" if b0 == cap else ""),
-        Row(f"stage-2 train {size} px", "bf16 + checkpointing", "largest batch", b1, "fp32", b0,
-            mem1, note=f"capped at {cap}" if b1 == cap else "goal: >= 8 on 80 GB"),
-        Row(f"stage-2 train {size} px", "bf16 + checkpointing", "images/s at largest batch",
-            ips1, "fp32", ips0, note=f"steps/s {ips1 / b1:.3g} vs {ips0 / b0:.3g}"),
-    ]  # fmt: skip
+        Row(
+            f"stage-2 train {size} px",
+            "fp32, no checkpointing",
+            "largest batch",
+            b0,
+            peak_gib=mem0,
+            note=f"capped at {cap}" if b0 == cap else "",
+        ),
+        Row(
+            f"stage-2 train {size} px",
+            "bf16 + checkpointing",
+            "largest batch",
+            b1,
+            "fp32",
+            b0,
+            mem1,
+            note=f"capped at {cap}" if b1 == cap else "goal: >= 8 on 80 GB",
+        ),
+        Row(
+            f"stage-2 train {size} px",
+            "bf16 + checkpointing",
+            "images/s at largest batch",
+            ips1,
+            "fp32",
+            ips0,
+            note=f"steps/s {ips1 / b1:.3g} vs {ips0 / b0:.3g}",
+        ),
+    ]
 
 
 def _swinir_one(plan: Plan, device: torch.device, cfg, lq, gt, fast: bool):
@@ -345,27 +407,58 @@ def stage1_training(plan: Plan, device: torch.device) -> list[Row]:
     label = "bf16 + channels_last" + (" + compile" if plan.compile else "")
     crop = plan.swinir_crop
     return [
-        Row(f"stage-1 SwinIR train {crop} px", "fp32 eager", "steps/s", sps0, peak_gib=mem0,
-            note=f"batch {plan.swinir_batch}"),
-        Row(f"stage-1 SwinIR train {crop} px", label, "steps/s", sps1, "fp32 eager", sps0, mem1,
-            max_abs_diff(out1, out0), note),
-    ]  # fmt: skip
+        Row(
+            f"stage-1 SwinIR train {crop} px",
+            "fp32 eager",
+            "steps/s",
+            sps0,
+            peak_gib=mem0,
+            note=f"batch {plan.swinir_batch}",
+        ),
+        Row(
+            f"stage-1 SwinIR train {crop} px",
+            label,
+            "steps/s",
+            sps1,
+            "fp32 eager",
+            sps0,
+            mem1,
+            max_abs_diff(out1, out0),
+            note,
+        ),
+    ]
 
 
 def diffbir_inference(plan: Plan, device: torch.device) -> list[Row]:
     """DiffBIR two-stage restoration (SwinIR, ControlLDM sampling with CFG, colour fix)."""
     cfg = compose(
         "restore",
-        ["method=diffbir", "input=x", "output=y", f"net@method.controlldm={plan.controlnet}",
-         f"net@method.stage1={plan.swinir}", "method.controlldm.sd_ckpt_path=null",
-         "method.controlldm.control_ckpt_path=null", "method.stage1_ckpt_path=null"],
-    )  # fmt: skip
+        [
+            "method=diffbir",
+            "input=x",
+            "output=y",
+            f"net@method.controlldm={plan.controlnet}",
+            f"net@method.stage1={plan.swinir}",
+            "method.controlldm.sd_ckpt_path=null",
+            "method.controlldm.control_ckpt_path=null",
+            "method.stage1_ckpt_path=null",
+        ],
+    )
     controlldm = instantiate(cfg.method.controlldm, device, control_ckpt_path=None)
     stage1 = instantiate(cfg.method.stage1, device)
-    method = instantiate(
-        cfg.method, device, controlldm=controlldm, stage1=stage1, stage1_ckpt_path=None,
-        cfg_scale=4.0, steps=plan.diffbir_steps,
-    ).to(device).eval()  # fmt: skip
+    method = (
+        instantiate(
+            cfg.method,
+            device,
+            controlldm=controlldm,
+            stage1=stage1,
+            stage1_ckpt_path=None,
+            cfg_scale=4.0,
+            steps=plan.diffbir_steps,
+        )
+        .to(device)
+        .eval()
+    )
 
     def restore(size: int, bf16: bool) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
@@ -379,12 +472,21 @@ def diffbir_inference(plan: Plan, device: torch.device) -> list[Row]:
         restore(s, bf16) if device.type == "cuda" else None  # warm-up
         reset_peak(device)
         sec[name], outs[name] = timed(partial(restore, s, bf16), device)
-    rows.append(Row(f"DiffBIR {s} px, {plan.diffbir_steps} steps, cfg 4", "fp32", "s/image",
-                    sec["fp32"]))  # fmt: skip
-    rows.append(Row(f"DiffBIR {s} px, {plan.diffbir_steps} steps, cfg 4", "bf16", "images/s",
-                    1 / sec["bf16"], "fp32", 1 / sec["fp32"],
-                    max_diff=max_abs_diff(outs["bf16"], outs["fp32"]),
-                    note=f"{sec['bf16']:.3g} s/image"))  # fmt: skip
+    rows.append(
+        Row(f"DiffBIR {s} px, {plan.diffbir_steps} steps, cfg 4", "fp32", "s/image", sec["fp32"])
+    )
+    rows.append(
+        Row(
+            f"DiffBIR {s} px, {plan.diffbir_steps} steps, cfg 4",
+            "bf16",
+            "images/s",
+            1 / sec["bf16"],
+            "fp32",
+            1 / sec["fp32"],
+            max_diff=max_abs_diff(outs["bf16"], outs["fp32"]),
+            note=f"{sec['bf16']:.3g} s/image",
+        )
+    )
     if device.type == "cuda":  # peak memory is a CUDA figure
         method.hparams.steps = plan.diffbir_memory_steps  # memory does not depend on the count
         memory = {}
@@ -392,18 +494,32 @@ def diffbir_inference(plan: Plan, device: torch.device) -> list[Row]:
             reset_peak(device)
             restore(size, True)
             memory[size] = peak_gib(device)
-        rows.append(Row("DiffBIR peak memory, bf16, tiled", f"{plan.diffbir_large} px",
-                        "peak GiB", memory[plan.diffbir_large], f"{s} px", memory[s],
-                        note="goal: ratio <= 1.3"))  # fmt: skip
+        rows.append(
+            Row(
+                "DiffBIR peak memory, bf16, tiled",
+                f"{plan.diffbir_large} px",
+                "peak GiB",
+                memory[plan.diffbir_large],
+                f"{s} px",
+                memory[s],
+                note="goal: ratio <= 1.3",
+            )
+        )
     return rows
 
 
 def prior_and_operator(plan: Plan, method: str, operator: str, device: torch.device):
     cfg = compose(
         "restore",
-        [f"method={method}", f"operator={operator}", f"prior={plan.prior}",
-         "prior.ckpt_path=null", "input=x", "output=y"],
-    )  # fmt: skip
+        [
+            f"method={method}",
+            f"operator={operator}",
+            f"prior={plan.prior}",
+            "prior.ckpt_path=null",
+            "input=x",
+            "output=y",
+        ],
+    )
     prior = instantiate(cfg.prior, device)
     torch.nn.init.normal_(prior.net.out[-1].weight, std=0.02)  # released init is zero: eps = 0
     return cfg, prior
@@ -415,12 +531,20 @@ def bird_throughput(plan: Plan, device: torch.device) -> list[Row]:
     for network_grad in (False, True):
         cfg, prior = prior_and_operator(plan, "bird", "blur_kernel_mlp", device)
         per_hour, outs = {}, {}
-        for name, batch, bf16 in (("batch 1 fp32", 1, False), (f"batch {plan.bird_batch} bf16", plan.bird_batch, True)):  # fmt: skip
+        for name, batch, bf16 in (
+            ("batch 1 fp32", 1, False),
+            (f"batch {plan.bird_batch} bf16", plan.bird_batch, True),
+        ):
             operator = instantiate(cfg.operator, device)
             bird = instantiate(
-                cfg.method, device, prior=prior, operator=operator, network_grad=network_grad,
-                iterations=plan.bird_iterations, delta_t=plan.bird_delta_t,
-            ).to(device)  # fmt: skip
+                cfg.method,
+                device,
+                prior=prior,
+                operator=operator,
+                network_grad=network_grad,
+                iterations=plan.bird_iterations,
+                delta_t=plan.bird_delta_t,
+            ).to(device)
             g = torch.Generator().manual_seed(0)
             y = torch.rand(batch, 3, plan.bird_size, plan.bird_size, generator=g).to(device)
             index = torch.arange(batch, device=device)
@@ -433,10 +557,19 @@ def bird_throughput(plan: Plan, device: torch.device) -> list[Row]:
             outs[name] = out["restored"][:1].detach()
         (base, _), (fast, mem) = per_hour.values()
         mode = "full backprop" if network_grad else "net under no_grad (released)"
-        rows.append(Row(f"BIRD {plan.bird_size} px, {mode}", f"batch {plan.bird_batch} bf16",
-                        "images/hour", fast, "batch 1 fp32", base, mem,
-                        max_abs_diff(*outs.values()),
-                        f"{plan.bird_iterations} of {BIRD_ITERATIONS} iterations timed"))  # fmt: skip
+        rows.append(
+            Row(
+                f"BIRD {plan.bird_size} px, {mode}",
+                f"batch {plan.bird_batch} bf16",
+                "images/hour",
+                fast,
+                "batch 1 fp32",
+                base,
+                mem,
+                max_abs_diff(*outs.values()),
+                f"{plan.bird_iterations} of {BIRD_ITERATIONS} iterations timed",
+            )
+        )
         del prior
         reset_peak(device)
     return rows
@@ -448,11 +581,17 @@ def bir_d_throughput(plan: Plan, device: torch.device) -> list[Row]:
     for method in ("bir_d", "gdp"):
         cfg, prior = prior_and_operator(plan, method, "kernel_mask", device)
         per_hour, outs = {}, {}
-        for name, batch, bf16 in (("batch 1 fp32", 1, False), (f"batch {plan.bir_d_batch} bf16", plan.bir_d_batch, True)):  # fmt: skip
+        for name, batch, bf16 in (
+            ("batch 1 fp32", 1, False),
+            (f"batch {plan.bir_d_batch} bf16", plan.bir_d_batch, True),
+        ):
             model = instantiate(
-                cfg.method, device, prior=prior, operator=instantiate(cfg.operator, device),
+                cfg.method,
+                device,
+                prior=prior,
+                operator=instantiate(cfg.operator, device),
                 steps=plan.bir_d_steps,
-            ).to(device)  # fmt: skip
+            ).to(device)
             g = torch.Generator().manual_seed(0)
             y = torch.rand(batch, 3, plan.bir_d_size, plan.bir_d_size, generator=g).to(device)
             data = {"lq": y, "index": torch.arange(batch), "name": [f"{i}" for i in range(batch)]}
@@ -463,9 +602,18 @@ def bir_d_throughput(plan: Plan, device: torch.device) -> list[Row]:
             outs[name] = out["restored"][:1].detach()
         (base, _), (fast, mem) = per_hour.values()
         label = "BIR-D" if method == "bir_d" else "GDP"
-        rows.append(Row(f"{label} {plan.bir_d_size} px, {plan.bir_d_steps} steps",
-                        f"batch {plan.bir_d_batch} bf16", "images/hour", fast, "batch 1 fp32",
-                        base, mem, max_abs_diff(*outs.values())))  # fmt: skip
+        rows.append(
+            Row(
+                f"{label} {plan.bir_d_size} px, {plan.bir_d_steps} steps",
+                f"batch {plan.bir_d_batch} bf16",
+                "images/hour",
+                fast,
+                "batch 1 fp32",
+                base,
+                mem,
+                max_abs_diff(*outs.values()),
+            )
+        )
         del prior
         reset_peak(device)
     return rows
@@ -499,8 +647,16 @@ def degradation_throughput(plan: Plan, device: torch.device) -> list[Row]:
             times["batched"].append(timed(partial(batched, rep + 1), device)[0])
             times["per-sample"].append(timed(partial(per_sample, rep + 1), device)[0])
     ips = {k: b / sorted(v)[len(v) // 2] for k, v in times.items()}
-    return [Row(f"second-order degradation, {b} x {s} px", "batched (bir)", "images/s",
-                ips["batched"], "per-sample reference", ips["per-sample"])]  # fmt: skip
+    return [
+        Row(
+            f"second-order degradation, {b} x {s} px",
+            "batched (bir)",
+            "images/s",
+            ips["batched"],
+            "per-sample reference",
+            ips["per-sample"],
+        )
+    ]
 
 
 SECTIONS: list[tuple[str, Callable[[Plan, torch.device], list[Row]]]] = [
@@ -533,26 +689,40 @@ def run(
             message = str(exc).splitlines()[0][:160] if str(exc) else ""
             rows.append(Row(name, "", "", note=f"failed: {type(exc).__name__}: {message}"))
         reset_peak(device)
-        print(f"[gpu_check] {name}: {time.perf_counter() - section_start:.1f} s", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"[gpu_check] {name}: {time.perf_counter() - section_start:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU path: tiny nets and sizes")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="no section starts after this many seconds (default 480)")  # fmt: skip
-    parser.add_argument("--only", nargs="+", default=None,
-                        help="run only sections whose name contains one of these words")  # fmt: skip
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="no section starts after this many seconds (default 480)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only sections whose name contains one of these words",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         device, plan = torch.device("cpu"), SMOKE
         torch.set_num_threads(1)  # tiny nets are overhead-bound: one thread is fastest
     else:
         if not torch.cuda.is_available():
-            print("gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a "
-                  "GPU machine, or pass --smoke for the CPU path", file=sys.stderr)  # fmt: skip
+            print(
+                "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a "
+                "GPU machine, or pass --smoke for the CPU path",
+                file=sys.stderr,
+            )
             return 2
         device, plan = torch.device("cuda"), REAL
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 baselines are true fp32
@@ -560,8 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rows = run(plan, device, args.budget_s, args.only)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke sizes)"
-    print(f"\nbir gpu_check on {name}, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s\n")  # fmt: skip
+    print(
+        f"\nbir gpu_check on {name}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}, {time.perf_counter() - start:.0f} s\n"
+    )
     print(markdown(rows))
     return 1 if any(r.note.startswith("failed") for r in rows) else 0
 

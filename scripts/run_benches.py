@@ -37,8 +37,13 @@ def run_script(path: Path, timeout: float) -> tuple[str, list[tuple[str, float, 
     """Run one benchmark; returns (status, results, seconds)."""
     start = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                              timeout=timeout, cwd=SCRIPTS.parent)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=SCRIPTS.parent,
+        )
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         print(out)
@@ -52,8 +57,10 @@ def run_script(path: Path, timeout: float) -> tuple[str, list[tuple[str, float, 
 
 def markdown_table(records: list[tuple[str, str, list[tuple[str, float, float]], float]]) -> str:
     """One row per RESULT line (or one row per script without results)."""
-    lines = ["| script | result | ratio | target | meets target | status | time (s) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| script | result | ratio | target | meets target | status | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for script, status, results, seconds in records:
         if not results:
             lines.append(f"| {script} | - | - | - | - | {status} | {seconds:.1f} |")

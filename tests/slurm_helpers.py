@@ -32,6 +32,10 @@ class RecordStart(pl.Callback):
         self.dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k.startswith("SLURM_")}
         job = env.get("SLURM_JOB_ID", "nojob")
-        out = {"global_step": trainer.global_step, "rank": trainer.global_rank,
-               "world_size": trainer.world_size, "env": env}  # fmt: skip
+        out = {
+            "global_step": trainer.global_step,
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "env": env,
+        }
         (self.dir / f"start-{job}-rank{trainer.global_rank}.json").write_text(json.dumps(out))

@@ -75,10 +75,16 @@ def _rec(row, task, image, seed, p, s=0.5):
 def test_summary_means_over_images_then_seeds_with_the_spread():
     from bir.bench_quality import summarise
 
-    recs = [_rec("M", "t", "a", 0, 10.0), _rec("M", "t", "b", 0, 14.0),  # seed 0: mean 12
-            _rec("M", "t", "a", 1, 16.0), _rec("M", "t", "b", 1, 20.0),  # seed 1: mean 18
-            _rec("M", "t", "a", 2, 13.0), _rec("M", "t", "b", 2, 17.0),  # seed 2: mean 15
-            _rec("input", "t", "a", None, 5.0), _rec("input", "t", "b", None, 7.0)]  # fmt: skip
+    recs = [
+        _rec("M", "t", "a", 0, 10.0),
+        _rec("M", "t", "b", 0, 14.0),  # seed 0: mean 12
+        _rec("M", "t", "a", 1, 16.0),
+        _rec("M", "t", "b", 1, 20.0),  # seed 1: mean 18
+        _rec("M", "t", "a", 2, 13.0),
+        _rec("M", "t", "b", 2, 17.0),  # seed 2: mean 15
+        _rec("input", "t", "a", None, 5.0),
+        _rec("input", "t", "b", None, 7.0),
+    ]
     cell = summarise(recs)["M"]["t"]
     assert cell["psnr"] == pytest.approx(15.0) and cell["seeds"] == 3 and cell["images"] == 2
     assert cell["psnr_std"] == pytest.approx(3.0)  # sample std of 12, 18, 15
@@ -89,11 +95,14 @@ def test_summary_means_over_images_then_seeds_with_the_spread():
 def test_table_never_marks_an_oracle_or_the_input_best():
     from bir.bench_quality import format_table, summarise
 
-    recs = [_rec("degraded input", "t", "a", None, 40.0),
-            _rec("Wiener (oracle: true kernel)", "t", "a", None, 30.0),
-            _rec("blind RL", "t", "a", None, 20.0),
-            _rec("BIRD, quick", "t", "a", 0, 21.0), _rec("BIRD, quick", "t", "a", 1, 23.0),
-            _rec("GDP, quick", "u", "a", 0, 9.0)]  # fmt: skip
+    recs = [
+        _rec("degraded input", "t", "a", None, 40.0),
+        _rec("Wiener (oracle: true kernel)", "t", "a", None, 30.0),
+        _rec("blind RL", "t", "a", None, 20.0),
+        _rec("BIRD, quick", "t", "a", 0, 21.0),
+        _rec("BIRD, quick", "t", "a", 1, 23.0),
+        _rec("GDP, quick", "u", "a", 0, 9.0),
+    ]
     lines = format_table(summarise(recs), ["t", "u"]).splitlines()
     row = {line.split(" | ")[0][2:]: line for line in lines[2:]}
     assert "**" not in row["degraded input"] and "**" not in row["Wiener (oracle: true kernel)"]
@@ -116,10 +125,12 @@ def test_blind_columns_label_true_kernel_baselines_as_oracles():
 def test_bench_arguments_fail_in_one_line(capsys):
     from bir.bench_quality import main
 
-    for argv, needle in ((["--tasks", "nope"], "--tasks nope: unknown task"),
-                         (["--methods", "X"], "--methods 'X': unknown"),
-                         (["--seeds", "1", "1"], "--seeds: give each seed once"),
-                         (["--images", "/no/such.png"], "--images /no/such.png: not an image")):  # fmt: skip
+    for argv, needle in (
+        (["--tasks", "nope"], "--tasks nope: unknown task"),
+        (["--methods", "X"], "--methods 'X': unknown"),
+        (["--seeds", "1", "1"], "--seeds: give each seed once"),
+        (["--images", "/no/such.png"], "--images /no/such.png: not an image"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["quality", *argv])
         err = capsys.readouterr().err.strip()

@@ -18,8 +18,9 @@ def run_cli(
     cmd: str, args: list[str], cwd: Path, timeout: int = 240
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(BIN / cmd), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / cmd), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-4000:])
     return proc
@@ -75,8 +76,11 @@ def test_restore_baseline_writes_every_image_and_resumes(tmp_path):
 def test_restore_refuses_to_write_where_it_reads(tmp_path):
     names = _inputs(tmp_path / "in", 2)
     before = {n: (tmp_path / "in" / f"{n}.png").read_bytes() for n in names}
-    proc = run_cli("bir-restore", ["method=baseline", f"input={tmp_path / 'in'}",
-                                   f"output={tmp_path / 'in'}"], tmp_path)  # fmt: skip
+    proc = run_cli(
+        "bir-restore",
+        ["method=baseline", f"input={tmp_path / 'in'}", f"output={tmp_path / 'in'}"],
+        tmp_path,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "same folder as input=" in lines[0], proc.stderr
@@ -106,8 +110,11 @@ def test_restore_bad_inputs_are_reported(tmp_path):
         tmp_path,
     )
     assert proc.returncode != 0 and "does not exist" in proc.stderr
-    proc = run_cli("bir-restore", ["method=baseline", "method.nonsense_key=1", f"input={tmp_path / 'in'}",
-                                   f"output={out}"], tmp_path)  # fmt: skip
+    proc = run_cli(
+        "bir-restore",
+        ["method=baseline", "method.nonsense_key=1", f"input={tmp_path / 'in'}", f"output={out}"],
+        tmp_path,
+    )
     assert proc.returncode != 0 and "nonsense_key" in proc.stderr
 
 
@@ -115,8 +122,13 @@ def test_restore_bad_inputs_are_reported(tmp_path):
 def test_restore_ddp_cpu_writes_each_image_exactly_once(tmp_path):
     names = _inputs(tmp_path / "in", 5)  # odd: the ranks get 3 and 2
     out = tmp_path / "out"
-    args = ["method=baseline", "trainer=ddp_cpu", f"input={tmp_path / 'in'}", f"output={out}",
-            "callbacks.progress_bar=null"]  # fmt: skip
+    args = [
+        "method=baseline",
+        "trainer=ddp_cpu",
+        f"input={tmp_path / 'in'}",
+        f"output={out}",
+        "callbacks.progress_bar=null",
+    ]
     proc = run_cli("bir-restore", args, tmp_path)
     assert proc.returncode == 0
     written = sorted(str(p.relative_to(out).with_suffix("")) for p in out.rglob("*.png"))
@@ -129,8 +141,15 @@ def test_restore_ddp_cpu_writes_each_image_exactly_once(tmp_path):
 def test_wandb_offline_logs_config_git_images_and_table(tmp_path):
     _inputs(tmp_path / "in", 2)
     # ground truth = inputs, so per-image metrics exist and the metric table is logged
-    args = ["method=baseline", "logger=wandb", "tags=[ablation]", f"input={tmp_path / 'in'}",
-            f"gt={tmp_path / 'in'}", f"output={tmp_path / 'out'}", "callbacks.progress_bar=null"]  # fmt: skip
+    args = [
+        "method=baseline",
+        "logger=wandb",
+        "tags=[ablation]",
+        f"input={tmp_path / 'in'}",
+        f"gt={tmp_path / 'in'}",
+        f"output={tmp_path / 'out'}",
+        "callbacks.progress_bar=null",
+    ]
     proc = run_cli("bir-restore", args, tmp_path)
     assert proc.returncode == 0
     runs = list((tmp_path / "outputs" / "restore").glob("*/wandb/offline-run-*/run-*.wandb"))

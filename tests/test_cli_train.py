@@ -31,10 +31,21 @@ NO_VAL = [
 
 
 def run_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    proc = subprocess.run([str(BIN / "bir-train"), *TINY, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [str(BIN / "bir-train"), *TINY, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode not in (0, 17):
         print(proc.stdout[-4000:], proc.stderr[-4000:])
     return proc
@@ -46,9 +57,17 @@ def _step(ckpt: Path) -> int:
 
 @pytest.mark.ddp
 def test_train_ddp_cpu_two_ranks_agree(tmp_path):
-    proc = run_train([*NO_VAL, "trainer=ddp_cpu", "trainer.max_steps=3", "run_name=ddp",
-                      "+callbacks.dump._target_=cli_helpers.WeightDump", f"+callbacks.dump.dir={tmp_path / 'w'}"],
-                     tmp_path)  # fmt: skip
+    proc = run_train(
+        [
+            *NO_VAL,
+            "trainer=ddp_cpu",
+            "trainer.max_steps=3",
+            "run_name=ddp",
+            "+callbacks.dump._target_=cli_helpers.WeightDump",
+            f"+callbacks.dump.dir={tmp_path / 'w'}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0
     r0 = torch.load(tmp_path / "w" / "rank0.pt")
     r1 = torch.load(tmp_path / "w" / "rank1.pt")

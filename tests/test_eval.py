@@ -53,8 +53,14 @@ def test_evaluate_reports_problems_and_continues(folders):
     pred, gt = folders
     rows, summary = evaluate_folders(pred, gt, metrics=["psnr", "ssim"])
     status = {r["name"]: r["status"] for r in rows}
-    assert status == {"a": "ok", "sub/b": "ok", "c": "size_mismatch", "d": "unreadable",
-                      "only_pred": "unmatched_pred", "only_gt": "unmatched_gt"}  # fmt: skip
+    assert status == {
+        "a": "ok",
+        "sub/b": "ok",
+        "c": "size_mismatch",
+        "d": "unreadable",
+        "only_pred": "unmatched_pred",
+        "only_gt": "unmatched_gt",
+    }
     counts = summary["counts"]
     assert (counts["ok"], counts["size_mismatch"], counts["unreadable"]) == (2, 1, 1)
     assert (counts["unmatched_pred"], counts["unmatched_gt"]) == (1, 1)
@@ -119,10 +125,24 @@ def test_bir_eval_cli_on_mismatched_folders(folders, tmp_path):
     out = tmp_path / "cli.csv"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "bir.eval", f"pred={pred}", f"gt={gt}", "metrics=[psnr,ssim]",
-         "crop_border=2", "y_channel=true", f"out={out}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bir.eval",
+            f"pred={pred}",
+            f"gt={gt}",
+            "metrics=[psnr,ssim]",
+            "crop_border=2",
+            "y_channel=true",
+            f"out={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| psnr |" in proc.stdout and "unreadable: 1" in proc.stdout
     summary = json.loads((tmp_path / "cli.summary.json").read_text())

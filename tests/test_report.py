@@ -28,8 +28,12 @@ def _sweep(root, scales, adaptive=("false", "true")):
     for a in adaptive:
         for s in scales:
             psnr = 20 + s / 10000 + (3 if a == "true" else 0)
-            _job(root, str(k), [f"method.guidance_scale={s}", f"method.adaptive_scale={a}",
-                                "method=gdp"], [psnr - 1, psnr + 1])  # fmt: skip
+            _job(
+                root,
+                str(k),
+                [f"method.guidance_scale={s}", f"method.adaptive_scale={a}", "method=gdp"],
+                [psnr - 1, psnr + 1],
+            )
             k += 1
 
 

@@ -75,18 +75,32 @@ def cluster():
         if shutil.which("make") is None:
             pytest.skip("SLURM tests skipped: `make` is not installed")
         t0 = time.perf_counter()
-        proc = subprocess.run(cmds["make slurm-up"].text, shell=True, cwd=ROOT,
-                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        proc = subprocess.run(
+            cmds["make slurm-up"].text,
+            shell=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if proc.returncode == 3:  # scripts/slurm_local.sh: packages cannot be installed here
-            pytest.skip("SLURM tests skipped: slurm-wlm/munge cannot be installed here: "
-                        + proc.stderr.strip().splitlines()[-1])  # fmt: skip
+            pytest.skip(
+                "SLURM tests skipped: slurm-wlm/munge cannot be installed here: "
+                + proc.stderr.strip().splitlines()[-1]
+            )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         print(f"local SLURM cluster started in {time.perf_counter() - t0:.1f} s")
         started = True
     yield cmds
     if started:
-        proc = subprocess.run(cmds["make slurm-down"].text, shell=True, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            cmds["make slurm-down"].text,
+            shell=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert not _cluster_up()
 
@@ -108,11 +122,18 @@ def run_readme(cmd, cwd: Path, extra: list[str] = (), timeout: int = 600, wait: 
     text = readme.fill_placeholders(cmd.text, cwd)
     line = " ".join([text, *cmd.size_overrides(), *extra])
     if not wait:
-        return subprocess.Popen(["bash", "-c", line], cwd=cwd, env=_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            ["bash", "-c", line],
+            cwd=cwd,
+            env=_env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
     t0 = time.perf_counter()
-    proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-c", line], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     print(f"[{time.perf_counter() - t0:5.1f} s] {line}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
@@ -141,9 +162,16 @@ def _step(ckpt: Path) -> int:
 
 def test_ddp_training_job_two_ranks_agree_and_leave_checkpoint_and_wandb_run(cluster, tmp_path):
     dump = tmp_path / "ranks"
-    run_readme(cluster["bir-train"], tmp_path, [
-        "+callbacks.dump._target_=cli_helpers.WeightDump", f"+callbacks.dump.dir={dump}",
-        "+callbacks.start._target_=slurm_helpers.RecordStart", f"+callbacks.start.dir={dump}"])  # fmt: skip
+    run_readme(
+        cluster["bir-train"],
+        tmp_path,
+        [
+            "+callbacks.dump._target_=cli_helpers.WeightDump",
+            f"+callbacks.dump.dir={dump}",
+            "+callbacks.start._target_=slurm_helpers.RecordStart",
+            f"+callbacks.start.dir={dump}",
+        ],
+    )
     sweep = _sweep_dir(tmp_path / "multirun" / "quickstart")
     (jobdir,) = _slurm_jobs(sweep)
     script = next(jobdir.glob("*_submission.sh")).read_text()
@@ -207,11 +235,16 @@ def test_guidance_sweep_of_four_jobs_and_report(cluster, sample_prior, tmp_path)
 
 def test_cancelled_job_resumes_from_its_checkpoint_when_resubmitted(cluster, tmp_path):
     start = tmp_path / "starts"
-    extra = ["trainer.max_steps=12", "callbacks.model_checkpoint.every_n_train_steps=3",
-             "callbacks.model_checkpoint.save_top_k=-1",
-             "hydra.sweep.dir=multirun/resume", "+callbacks.pace._target_=slurm_helpers.Pace",
-             "+callbacks.pace.seconds=1.0", "+callbacks.start._target_=slurm_helpers.RecordStart",
-             f"+callbacks.start.dir={start}"]  # fmt: skip
+    extra = [
+        "trainer.max_steps=12",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "hydra.sweep.dir=multirun/resume",
+        "+callbacks.pace._target_=slurm_helpers.Pace",
+        "+callbacks.pace.seconds=1.0",
+        "+callbacks.start._target_=slurm_helpers.RecordStart",
+        f"+callbacks.start.dir={start}",
+    ]
     sweep = tmp_path / "multirun" / "resume"
     last = sweep / "0" / "checkpoints" / "last.ckpt"
     first = run_readme(cluster["bir-train"], tmp_path, extra, wait=False)

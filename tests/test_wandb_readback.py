@@ -91,21 +91,31 @@ def runs_under(folder: Path) -> list[WandbRun]:
 
 
 def _env() -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-            "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
 
 
 def _run(cmd: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / cmd), *args], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / cmd), *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
 
 def _git_head() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None  # fmt: skip
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         return None
 
@@ -142,11 +152,21 @@ def test_reader_rejects_a_corrupted_record(tmp_path):
 
 
 def test_training_run_has_resolved_config_git_commit_per_step_metrics_and_grids(tmp_path):
-    args = ["experiment=quickstart", "logger=wandb", "run_name=wb", "tags=[readback]",
-            "data.train.crop_size=32", "data.batch_size=2", "data.val=null",
-            "trainer.val_check_interval=null", "trainer.check_val_every_n_epoch=null",
-            "callbacks.model_checkpoint.monitor=null", "trainer.max_steps=3",
-            "trainer.log_every_n_steps=1", "model.log_images_every_n_steps=2"]  # fmt: skip
+    args = [
+        "experiment=quickstart",
+        "logger=wandb",
+        "run_name=wb",
+        "tags=[readback]",
+        "data.train.crop_size=32",
+        "data.batch_size=2",
+        "data.val=null",
+        "trainer.val_check_interval=null",
+        "trainer.check_val_every_n_epoch=null",
+        "callbacks.model_checkpoint.monitor=null",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "model.log_images_every_n_steps=2",
+    ]
     _run("bir-train", args, tmp_path)
     run_dir = tmp_path / "outputs" / "quickstart" / "wb"
     (run,) = runs_under(run_dir)
@@ -163,8 +183,12 @@ def test_training_run_has_resolved_config_git_commit_per_step_metrics_and_grids(
     assert sorted(losses) == [0, 1, 2], losses
     assert all(isinstance(v, float) and v == v for v in losses.values())
     # image grids written as files of the run
-    grids = [m for h in run.history for k, m in h.items() if k.endswith("/_type")
-             and m in ("image-file", "images/separated")]  # fmt: skip
+    grids = [
+        m
+        for h in run.history
+        for k, m in h.items()
+        if k.endswith("/_type") and m in ("image-file", "images/separated")
+    ]
     assert grids, "no image grid logged"
     from bir.data.io import read_image
 
@@ -182,9 +206,17 @@ def test_predict_sweep_runs_share_a_group_and_hold_grids_and_the_per_image_table
     from bir.data.io import read_image
 
     _inputs(tmp_path / "in")
-    args = ["-m", "method=baseline", "method.kind=wiener", "method.balance=0.01,0.1",
-            "logger=wandb", "input=in", "gt=in", "output=${hydra:runtime.output_dir}/images",
-            "callbacks.progress_bar=null"]  # fmt: skip
+    args = [
+        "-m",
+        "method=baseline",
+        "method.kind=wiener",
+        "method.balance=0.01,0.1",
+        "logger=wandb",
+        "input=in",
+        "gt=in",
+        "output=${hydra:runtime.output_dir}/images",
+        "callbacks.progress_bar=null",
+    ]
     proc = _run("bir-restore", args, tmp_path)
     # the summary table is shown once per job (not again when the CLI reads it back)
     assert (proc.stdout + proc.stderr).count("| metric | mean | std | count |") == 2
@@ -224,8 +256,11 @@ def test_predict_sweep_runs_share_a_group_and_hold_grids_and_the_per_image_table
 
 def test_restore_without_ground_truth_prints_no_metric_table(tmp_path):
     _inputs(tmp_path / "in")
-    proc = _run("bir-restore", ["method=baseline", "input=in", "output=out",
-                                "callbacks.progress_bar=null"], tmp_path)  # fmt: skip
+    proc = _run(
+        "bir-restore",
+        ["method=baseline", "input=in", "output=out", "callbacks.progress_bar=null"],
+        tmp_path,
+    )
     text = proc.stdout + proc.stderr
     assert "| metric |" not in text
     assert "2 images; output in" in text

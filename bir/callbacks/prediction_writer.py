@@ -132,15 +132,20 @@ class PredictionWriter(BasePredictionWriter):
 
     def _record_skip(self, name: str, reason: str, error: str) -> None:
         """One file under ``skipped/`` per skipped image (counted by :meth:`write_summary`)."""
-        atomic_write_bytes(self.output_dir / "skipped" / f"{name}.json",
-                           _dump({"name": name, "reason": reason, "error": error}))  # fmt: skip
+        atomic_write_bytes(
+            self.output_dir / "skipped" / f"{name}.json",
+            _dump({"name": name, "reason": reason, "error": error}),
+        )
 
     def _metrics(self, restored: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
         from bir import metrics as M
 
         if restored.shape != gt.shape:
-            log.warning("ground truth %s differs in size from output %s; no metrics",
-                        tuple(gt.shape), tuple(restored.shape))  # fmt: skip
+            log.warning(
+                "ground truth %s differs in size from output %s; no metrics",
+                tuple(gt.shape),
+                tuple(restored.shape),
+            )
             return {}
         out = {}
         x, y = restored[None].float(), gt[None].float().to(restored.device)
@@ -168,10 +173,13 @@ class PredictionWriter(BasePredictionWriter):
         view = k if k.ndim == 3 else k[None]
         view = view.mean(0, keepdim=True) if view.shape[0] not in (1, 3) else view
         view = view / view.max().clamp(min=1e-12)
-        view = torch.nn.functional.interpolate(view[None], scale_factor=max(1, 128 // view.shape[-1]),
-                                               mode="nearest")[0]  # fmt: skip
-        save_image(view.expand(3, -1, -1) if view.shape[0] == 1 else view,
-                   self.output_dir / "kernels" / f"{name}.png")  # fmt: skip
+        view = torch.nn.functional.interpolate(
+            view[None], scale_factor=max(1, 128 // view.shape[-1]), mode="nearest"
+        )[0]
+        save_image(
+            view.expand(3, -1, -1) if view.shape[0] == 1 else view,
+            self.output_dir / "kernels" / f"{name}.png",
+        )
 
     def _write_curves(self, name: str, curves: dict[str, torch.Tensor]) -> None:
         data = {k: _to_jsonable(v) for k, v in curves.items()}
@@ -225,8 +233,9 @@ class PredictionWriter(BasePredictionWriter):
             self.unreadable[name] = err
             self._record_skip(name, "unreadable", err)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx=0):  # fmt: skip
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         if prediction is None:
             return
         restored = prediction["restored"]
@@ -236,8 +245,11 @@ class PredictionWriter(BasePredictionWriter):
             if not torch.isfinite(img).all():
                 self.failed.append(name)
                 log.error("skipping %s: the method's output contains NaN/inf; not written", name)
-                self._record_skip(name, "non-finite output",
-                                  f"{int((~torch.isfinite(img)).sum())} values are NaN or inf")  # fmt: skip
+                self._record_skip(
+                    name,
+                    "non-finite output",
+                    f"{int((~torch.isfinite(img)).sum())} values are NaN or inf",
+                )
                 continue
             record: dict = {"name": name}
             if "gt" in batch and self.metrics:
@@ -246,8 +258,11 @@ class PredictionWriter(BasePredictionWriter):
             record["extras"] = {k: _to_jsonable(_per_sample(v, i)) for k, v in extras.items()}
             if self.save_kernels and prediction.get("kernel") is not None:
                 self._write_kernel(name, prediction["kernel"][i])
-            curves = {k: prediction[k][i] for k in ("loss_curve", "scale_trajectory")
-                      if prediction.get(k) is not None}  # fmt: skip
+            curves = {
+                k: prediction[k][i]
+                for k in ("loss_curve", "scale_trajectory")
+                if prediction.get(k) is not None
+            }
             if self.save_curves and curves:
                 self._write_curves(name, curves)
                 record["final_loss"] = _to_jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
@@ -286,8 +301,11 @@ class PredictionWriter(BasePredictionWriter):
             logger = trainer.logger
             if logger is not None and hasattr(logger, "log_table") and rows:
                 cols = sorted({k for r in rows for k in r})
-                logger.log_table(key="predict/metrics", columns=cols,
-                                 data=[[r.get(c) for c in cols] for r in rows])  # fmt: skip
+                logger.log_table(
+                    key="predict/metrics",
+                    columns=cols,
+                    data=[[r.get(c) for c in cols] for r in rows],
+                )
         if self.failed:
             raise RuntimeError(
                 f"{len(self.failed)} outputs were not finite (NaN/inf) and were not written: "
@@ -315,8 +333,13 @@ class PredictionWriter(BasePredictionWriter):
         records = self.output_dir / "records"
         for p in sorted(records.rglob("*.json")) if records.exists() else []:
             rec = json.loads(p.read_text())
-            rows.append({"name": rec["name"], **rec.get("metrics", {}),
-                         **({"final_loss": rec["final_loss"]} if "final_loss" in rec else {})})  # fmt: skip
+            rows.append(
+                {
+                    "name": rec["name"],
+                    **rec.get("metrics", {}),
+                    **({"final_loss": rec["final_loss"]} if "final_loss" in rec else {}),
+                }
+            )
         if not rows and not skipped:
             return rows
         cols = ["name"] + sorted({k for r in rows for k in r} - {"name"})

@@ -237,8 +237,11 @@ class PairedFolderDataset(Dataset):
         if unmatched:
             log.warning(
                 "%d files without a partner in %s / %s: %s",
-                len(unmatched), self.gt_root, self.lq_root, ", ".join(unmatched[:10]),
-            )  # fmt: skip
+                len(unmatched),
+                self.gt_root,
+                self.lq_root,
+                ", ".join(unmatched[:10]),
+            )
         if not self.names:
             raise ValueError(
                 f"no GT/LQ pairs with matching names in {self.gt_root} and {self.lq_root}"
@@ -354,8 +357,7 @@ def collate(items: list[dict]) -> dict:
     if unreadable:
         items = [it for it in items if "unreadable" not in it]
         if not items:
-            return {"name": [], "index": torch.zeros(0, dtype=torch.long),
-                    "unreadable": unreadable}  # fmt: skip
+            return {"name": [], "index": torch.zeros(0, dtype=torch.long), "unreadable": unreadable}
     out: dict = {} if not unreadable else {"unreadable": unreadable}
     for key in items[0]:
         values = [it[key] for it in items]

@@ -29,8 +29,17 @@ from bir.errors import UsageError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif",
-)  # fmt: skip
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".gif",
+)
 
 #: EXIF tag of the orientation (1 = as stored; 2-8 = flips and rotations, TIFF/EXIF 2.3).
 _EXIF_ORIENTATION = 0x0112
@@ -90,8 +99,9 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
         try:
             st = folder.stat()
             if (st.st_dev, st.st_ino) in seen:
-                log.warning("not listing %s: the same folder was already listed (symbolic link)",
-                            folder)  # fmt: skip
+                log.warning(
+                    "not listing %s: the same folder was already listed (symbolic link)", folder
+                )
                 continue
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -116,8 +126,12 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
                 log.warning("skipping broken symbolic link %s", path)
         stack.extend(reversed(subfolders))  # depth first, in name order
     if other:
-        log.info("%s: ignored %d files that are not images (%s)", root, sum(other.values()),
-                 ", ".join(f"{k}: {v}" for k, v in sorted(other.items())))  # fmt: skip
+        log.info(
+            "%s: ignored %d files that are not images (%s)",
+            root,
+            sum(other.values()),
+            ", ".join(f"{k}: {v}" for k, v in sorted(other.items())),
+        )
     if not files:
         raise FolderError(
             f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}"
@@ -228,8 +242,9 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
                 except FileNotFoundError:
                     pass
     if removed:
-        log.info("removed %d temporary files left by an interrupted run in %s", len(removed),
-                 folder)  # fmt: skip
+        log.info(
+            "removed %d temporary files left by an interrupted run in %s", len(removed), folder
+        )
     return removed
 
 

@@ -19,9 +19,20 @@ from bir.data.io import read_image, save_image
 
 #: natural photographs (and photo-like micrographs) bundled with scikit-image, no download needed
 TRAIN_PHOTOS = (
-    "camera", "hubble_deep_field", "immunohistochemistry", "coins", "moon", "retina", "brick",
-    "grass", "gravel", "cell", "clock", "motorcycle_left", "motorcycle_right",
-)  # fmt: skip
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "coins",
+    "moon",
+    "retina",
+    "brick",
+    "grass",
+    "gravel",
+    "cell",
+    "clock",
+    "motorcycle_left",
+    "motorcycle_right",
+)
 #: never used for training in bir's recipes; restoration quality is measured on these (the four
 #: colour photographs of scenes; ``bir-bench quality`` averages over them)
 HOLDOUT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -95,8 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "root", nargs="?", default="data/samples", help="writes ROOT/train, ROOT/holdout"
     )
-    ap.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                    help="training copies at these scales (1 = as shipped)")  # fmt: skip
+    ap.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="training copies at these scales (1 = as shipped)",
+    )
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         folders = materialize_samples(a.root)

@@ -30,8 +30,16 @@ def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     return g / g.sum()
 
 
-KINDS = ("identity", "bicubic", "wiener", "richardson_lucy", "blind_richardson_lucy", "tv",
-         "biharmonic", "gain")  # fmt: skip
+KINDS = (
+    "identity",
+    "bicubic",
+    "wiener",
+    "richardson_lucy",
+    "blind_richardson_lucy",
+    "tv",
+    "biharmonic",
+    "gain",
+)
 
 
 def estimate_noise_sigma(img: torch.Tensor) -> float:
@@ -128,8 +136,11 @@ class ClassicalBaseline(pl.LightningModule):
         if kind not in KINDS:
             raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(KINDS)}")
         self.kind, self.scale = kind, scale
-        self.psf = (np.asarray(kernel, dtype=np.float64) if kernel is not None
-                    else gaussian_kernel(kernel_size, kernel_sigma))  # fmt: skip
+        self.psf = (
+            np.asarray(kernel, dtype=np.float64)
+            if kernel is not None
+            else gaussian_kernel(kernel_size, kernel_sigma)
+        )
         self.psf = self.psf / self.psf.sum()
         self.balance, self.num_iter, self.tv_weight = balance, num_iter, tv_weight
 

@@ -205,8 +205,9 @@ class OperatorGuidance:
         noise = randn(self.y.shape[1:], self.observation_generators, self.y.device)
         return (self.schedule.q_sample(2 * self.y - 1, i, noise) + 1) / 2
 
-    def _losses_image(self, x_t: Tensor, i: Tensor, out: ModelOutput, target: Tensor,
-                      params: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor | None]]:  # fmt: skip
+    def _losses_image(
+        self, x_t: Tensor, i: Tensor, out: ModelOutput, target: Tensor, params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
         """(loss [B], dL/dx0 or dL/dx_t, parameter gradients) with one loss per image."""
         with torch.enable_grad():
             if self.guidance_grad == "x0":
@@ -218,8 +219,9 @@ class OperatorGuidance:
             loss = self.data_loss(self.operator((x0 + 1) / 2), target, self.operator.loss_mask())
             return (loss, *self._gradients(loss, wrt, params))
 
-    def _losses_patch(self, out: PatchedOutput, target: Tensor,
-                      params: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor | None]]:  # fmt: skip
+    def _losses_patch(
+        self, out: PatchedOutput, target: Tensor, params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
         """The released code's per-patch version: one loss per patch on the patch's own x0,
         the gradients folded back to the image (mean shifts averaged over covering patches) and
         the parameter gradients averaged as the code averages its per-patch updates."""
@@ -235,8 +237,9 @@ class OperatorGuidance:
             for k, (top, left) in enumerate(positions):
                 pred = self.operator.forward_window((per_image[:, k] + 1) / 2, top, left)
                 win = (..., slice(top, top + p), slice(left, left + p))
-                losses.append(self.data_loss(pred, target[win],
-                                             None if weight is None else weight[win]))  # fmt: skip
+                losses.append(
+                    self.data_loss(pred, target[win], None if weight is None else weight[win])
+                )
             loss_patches = torch.stack(losses, 1)  # [B, N]
             tile_grad, grads = self._gradients(loss_patches, wrt, params)
         grad = self._fold(tile_grad, positions, h, w)
@@ -252,8 +255,9 @@ class OperatorGuidance:
         return loss_patches.mean(1), grad, averaged
 
     @staticmethod
-    def _fold(tiles: Tensor, positions: list[tuple[int, int]], h: int, w: int,
-              average: bool = True) -> Tensor:  # fmt: skip
+    def _fold(
+        tiles: Tensor, positions: list[tuple[int, int]], h: int, w: int, average: bool = True
+    ) -> Tensor:
         """Sum (or average) tiles ``[B * N or 1, C, p, p]`` into ``[B or 1, C, h, w]``."""
         n, p = len(positions), tiles.shape[-1]
         per_image = tiles.reshape(-1, n, *tiles.shape[1:])
@@ -264,8 +268,9 @@ class OperatorGuidance:
             count[..., top : top + p, left : left + p] += 1
         return total / count if average else total
 
-    def _gradients(self, loss: Tensor, wrt: Tensor,
-                   params: list[Tensor]) -> tuple[Tensor, list[Tensor | None]]:  # fmt: skip
+    def _gradients(
+        self, loss: Tensor, wrt: Tensor, params: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor | None]]:
         """Gradients of the summed finite losses (``loss`` ``[B]`` or ``[B, N]``) w.r.t.
         ``wrt`` and the operator's parameters; images with a non-finite loss contribute none."""
         finite = torch.isfinite(loss)
@@ -277,8 +282,9 @@ class OperatorGuidance:
         return first, list(grads[1:])
 
     # --- one step: the hook sample_ddpm calls ------------------------------------------------------
-    def __call__(self, x_t: Tensor, i: Tensor, out: ModelOutput, mean: Tensor,
-                 log_variance: Tensor) -> tuple[Tensor, None]:  # fmt: skip
+    def __call__(
+        self, x_t: Tensor, i: Tensor, out: ModelOutput, mean: Tensor, log_variance: Tensor
+    ) -> tuple[Tensor, None]:
         """Data term, operator update and guided mean (BIR-D Alg. 1 / GDP Alg. 2, the steps
         between the prior's prediction and the sample)."""
         t = int(self.schedule.t(i[:1])[0])
@@ -295,8 +301,12 @@ class OperatorGuidance:
             loss, grad, param_grads = self._losses_image(x_t, i, out, target, params)
         finite = torch.isfinite(loss)
         for j in torch.nonzero(~finite).flatten().tolist():
-            log.warning("BIR-D: non-finite loss for %s at t=%d; guidance and the operator "
-                        "update skipped for it at this step", self.names[j], t)  # fmt: skip
+            log.warning(
+                "BIR-D: non-finite loss for %s at t=%d; guidance and the operator "
+                "update skipped for it at this step",
+                self.names[j],
+                t,
+            )
         keep = finite.reshape(-1, *([1] * (grad.ndim - 1))).to(grad)
 
         # degradation update phi <- phi - lr dL/dphi (the gradient above used the old phi)
@@ -335,8 +345,9 @@ class OperatorGuidance:
         pred = self.operator((x_prev + 1) / 2)
         return self.data_loss(pred, self._target, self.operator.loss_mask()).double()
 
-    def after_step(self, x_t: Tensor, x_prev: Tensor, i: Tensor, mean: Tensor,
-                   log_variance: Tensor) -> None:  # fmt: skip
+    def after_step(
+        self, x_t: Tensor, x_prev: Tensor, i: Tensor, mean: Tensor, log_variance: Tensor
+    ) -> None:
         """BIR-D's adaptive scale for the next step from x_{t-1}, mu, g, C, log K and L."""
         log_variance = log_variance.expand_as(x_prev)
         if self.adaptive_scale and int(i[0]) > 0:
@@ -344,29 +355,46 @@ class OperatorGuidance:
                 self.scale = self._next_scale(x_t, x_prev, i, mean, log_variance)
         self._prev_log_var = log_variance
 
-    def _next_scale(self, x_t: Tensor, x_prev: Tensor, i: Tensor, mean: Tensor,
-                    log_variance: Tensor) -> Tensor:  # fmt: skip
+    def _next_scale(
+        self, x_t: Tensor, x_prev: Tensor, i: Tensor, mean: Tensor, log_variance: Tensor
+    ) -> Tensor:
         # C = log N(y; mu, Sigma_t) and log K = log N(y; x_t, Sigma_{t+1}), y on [-1, 1] (pooled
         # images when the operator changes the size); reference: the clean y, as the code
         y = self.y if self.scale_formula == "reference" else self._target
         y_pm = (2 * y - 1).double()
         prev = self._prev_log_var
         prev = torch.full_like(x_t, prev) if isinstance(prev, float) else prev
-        like_c = gaussian_log_likelihood(y_pm, _pool_to(mean, y_pm).double(),
-                                         _pool_to(log_variance, y_pm).double(),
-                                         self.scale_formula)  # fmt: skip
-        like_k = gaussian_log_likelihood(y_pm, _pool_to(x_t, y_pm).double(),
-                                         _pool_to(prev, y_pm).double(), self.scale_formula)  # fmt: skip
+        like_c = gaussian_log_likelihood(
+            y_pm,
+            _pool_to(mean, y_pm).double(),
+            _pool_to(log_variance, y_pm).double(),
+            self.scale_formula,
+        )
+        like_k = gaussian_log_likelihood(
+            y_pm, _pool_to(x_t, y_pm).double(), _pool_to(prev, y_pm).double(), self.scale_formula
+        )
         loss = self.scale_loss(x_prev)
         direction = self._direction if self.scale_formula == "paper" else self._shift
-        new = adaptive_guidance_scale(x_prev.double(), mean.double(), direction.double(), loss,
-                                      like_c, like_k, self.scale_formula)  # fmt: skip
+        new = adaptive_guidance_scale(
+            x_prev.double(),
+            mean.double(),
+            direction.double(),
+            loss,
+            like_c,
+            like_k,
+            self.scale_formula,
+        )
         new = torch.where(loss > 1e-12, new, torch.full_like(new, float("nan")))
         t = int(self.schedule.t(i[:1])[0])
         for j in torch.nonzero(~torch.isfinite(new)).flatten().tolist():
-            log.warning("BIR-D: the adaptive guidance scale for %s at t=%d is not finite (L=%g); "
-                        "keeping s=%g for the next step", self.names[j], t, float(loss[j]),
-                        float(self.scale[j]))  # fmt: skip
+            log.warning(
+                "BIR-D: the adaptive guidance scale for %s at t=%d is not finite (L=%g); "
+                "keeping s=%g for the next step",
+                self.names[j],
+                t,
+                float(loss[j]),
+                float(self.scale[j]),
+            )
         if self.scale_min is not None or self.scale_max is not None:
             new = new.clamp(self.scale_min, self.scale_max)
         return torch.where(torch.isfinite(new), new, self.scale)
@@ -468,8 +496,7 @@ class BIRD_D(pl.LightningModule):
         diffusion = DiffusionModel(
             self.prior, self.schedule, learned_sigma=self.prior.learned_sigma
         )
-        model = PatchGridModel(diffusion, self.patch_size, self.patch_stride,
-                               self.patch_batch_size)  # fmt: skip
+        model = PatchGridModel(diffusion, self.patch_size, self.patch_stride, self.patch_batch_size)
         model.positions(*hw)  # validates the size before any work
         if self.patch_loss == "patch" and tuple(self.operator.output_size(hw)) != hw:
             raise ValueError("patch_loss=patch needs an operator that keeps the image size")
@@ -479,16 +506,26 @@ class BIRD_D(pl.LightningModule):
             shape, sample_generators(self.seed, indices, device, OPERATOR_STREAM)
         )
         guidance = OperatorGuidance(
-            self.operator, y, self.schedule,
+            self.operator,
+            y,
+            self.schedule,
             torch.full((b,), self.guidance_scale, device=device, dtype=torch.float64),
-            model=model, adaptive_scale=self.adaptive_scale, dynamic_kernel=self.dynamic_kernel,
-            operator_lr=self.operator_lr, guidance_grad=self.guidance_grad,
-            scale_formula=self.scale_formula, scale_min=self.scale_min, scale_max=self.scale_max,
-            loss=self.loss_kind, noisy_observation=self.noisy_observation,
+            model=model,
+            adaptive_scale=self.adaptive_scale,
+            dynamic_kernel=self.dynamic_kernel,
+            operator_lr=self.operator_lr,
+            guidance_grad=self.guidance_grad,
+            scale_formula=self.scale_formula,
+            scale_min=self.scale_min,
+            scale_max=self.scale_max,
+            loss=self.loss_kind,
+            noisy_observation=self.noisy_observation,
             patch_loss=self.patch_loss,
-            observation_generators=sample_generators(self.seed, indices, device, OBSERVATION_STREAM),
+            observation_generators=sample_generators(
+                self.seed, indices, device, OBSERVATION_STREAM
+            ),
             names=names,
-        )  # fmt: skip
+        )
         x_T = randn(shape[1:], sample_generators(self.seed, indices, device, INIT_STREAM), device)
         step_generators = sample_generators(self.seed, indices, device, STEP_NOISE_STREAM)
         with torch.no_grad():
@@ -516,8 +553,12 @@ class BIRD_D(pl.LightningModule):
             indices = indices.clone() if isinstance(indices, Tensor) else torch.as_tensor(indices)
             names = list(batch["name"])
             out = self.sample(y, indices, names)
-        pred = {"name": names, "restored": out.pop("restored"),
-                "scale_trajectory": out.pop("scale_trajectory"), "loss_curve": out.pop("loss_curve")}  # fmt: skip
+        pred = {
+            "name": names,
+            "restored": out.pop("restored"),
+            "scale_trajectory": out.pop("scale_trajectory"),
+            "loss_curve": out.pop("loss_curve"),
+        }
         if "kernel" in out:
             pred["kernel"] = out.pop("kernel")
         # per-image scalars and short vectors go to the records; image-sized estimates (masks) not

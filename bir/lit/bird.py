@@ -251,8 +251,12 @@ class BIRD(pl.LightningModule):
                 if it % self.save_every == 0:
                     result, result_iteration = x0.detach(), it
                 self._log_loss(losses.detach())
-        out = {"restored": ((result + 1) / 2).clamp(0, 1), "loss_curve": curve,
-               "result_iteration": result_iteration, "x_T": x_T.detach()}  # fmt: skip
+        out = {
+            "restored": ((result + 1) / 2).clamp(0, 1),
+            "loss_curve": curve,
+            "result_iteration": result_iteration,
+            "x_T": x_T.detach(),
+        }
         out.update({k: v.detach() for k, v in self.operator.estimate().items()})
         return out
 
@@ -268,8 +272,12 @@ class BIRD(pl.LightningModule):
         (``final_loss``: the data term of the returned image)."""
         result = self.restore(batch["lq"], batch["index"])
         final_loss = result["loss_curve"][:, result["result_iteration"]]
-        out = {"name": batch["name"], "restored": result["restored"], "loss_curve": result["loss_curve"],
-               "extras": {"final_loss": final_loss}}  # fmt: skip
+        out = {
+            "name": batch["name"],
+            "restored": result["restored"],
+            "loss_curve": result["loss_curve"],
+            "extras": {"final_loss": final_loss},
+        }
         if "kernel" in result:
             out["kernel"] = result["kernel"]
         return out

@@ -147,8 +147,10 @@ class PatchGridModel:
         tiles = extract_patches(x_t, self.patch, self.stride)
         steps = i.repeat_interleave(n)
         chunk = self.batch_size or tiles.shape[0]
-        outs = [self.model(tiles[lo : lo + chunk], steps[lo : lo + chunk])
-                for lo in range(0, tiles.shape[0], chunk)]  # fmt: skip
+        outs = [
+            self.model(tiles[lo : lo + chunk], steps[lo : lo + chunk])
+            for lo in range(0, tiles.shape[0], chunk)
+        ]
         eps = torch.cat([o.eps for o in outs])
         x0 = torch.cat([o.x0 for o in outs])
         if self.clip_x0:
@@ -161,5 +163,10 @@ class PatchGridModel:
         def fold(v: Tensor | None) -> Tensor | None:
             return None if v is None else fold_patches(v, h, w, self.patch, self.stride)
 
-        return PatchedOutput(eps=fold(eps), x0=fold(x0), log_variance=fold(log_var),
-                             patches=per_patch, positions=positions)  # fmt: skip
+        return PatchedOutput(
+            eps=fold(eps),
+            x0=fold(x0),
+            log_variance=fold(log_var),
+            patches=per_patch,
+            positions=positions,
+        )

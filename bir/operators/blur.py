@@ -33,8 +33,12 @@ from bir.operators.base import Operator, Shape, batch_size_of
 
 #: torch ``F.pad`` modes by the names used in configs; ``zeros_signed`` pads with zeros on the
 #: [-1, 1] scale (the released BIRD code's ``conv2d(padding="same")``; see the module docstring)
-PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant",
-                 "zeros_signed": "constant"}  # fmt: skip
+PADDING_MODES = {
+    "reflect": "reflect",
+    "circular": "circular",
+    "zeros": "constant",
+    "zeros_signed": "constant",
+}
 
 
 def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -257,8 +261,13 @@ class KernelMLPBlur(Operator):
         if generators is None:
             generators = [torch.Generator().manual_seed(i) for i in range(batch_size)]
         out = self.channels * self.kernel_size**2
-        shapes = {"z": (self.latent_dim,), "w1": (self.hidden, self.latent_dim),
-                  "b1": (self.hidden,), "w2": (out, self.hidden), "b2": (out,)}  # fmt: skip
+        shapes = {
+            "z": (self.latent_dim,),
+            "w1": (self.hidden, self.latent_dim),
+            "b1": (self.hidden,),
+            "w2": (out, self.hidden),
+            "b2": (out,),
+        }
         draws: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
         for g in generators:
             for name, shape in shapes.items():

@@ -53,8 +53,9 @@ class BicubicDownsample(Operator):
         """``[B, C, sH, sW]`` -> ``[B, C, H, W]``."""
         h, w = x.shape[-2:]
         size = (h // self.scale, w // self.scale)
-        return F.interpolate(x, size=size, mode="bicubic", align_corners=False,
-                             antialias=self.antialias)  # fmt: skip
+        return F.interpolate(
+            x, size=size, mode="bicubic", align_corners=False, antialias=self.antialias
+        )
 
     def input_size(self, out_hw: tuple[int, int]) -> tuple[int, int]:
         return out_hw[0] * self.scale, out_hw[1] * self.scale

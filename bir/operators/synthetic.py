@@ -49,8 +49,12 @@ def motion_kernel(
     for x, y in path.tolist():
         x0, y0 = math.floor(x), math.floor(y)
         fx, fy = x - x0, y - y0
-        for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
-                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):  # fmt: skip
+        for dx, dy, wt in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (1, 0, fx * (1 - fy)),
+            (0, 1, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
             if 0 <= x0 + dx < size and 0 <= y0 + dy < size:
                 kernel[y0 + dy, x0 + dx] += wt
     return (kernel / kernel.sum()).float()
@@ -76,8 +80,9 @@ def make_operator(
     size = int(op_spec.get("kernel_size", 41))
     padding = op_spec.get("padding", "reflect")
     if kind == "gaussian_blur":
-        op = FixedKernelBlur(gaussian_kernel(size, float(op_spec.get("blur_sigma", 3.0))),
-                             padding=padding)  # fmt: skip
+        op = FixedKernelBlur(
+            gaussian_kernel(size, float(op_spec.get("blur_sigma", 3.0))), padding=padding
+        )
     elif kind == "motion_blur":
         intensity, steps = float(op_spec.get("intensity", 0.5)), int(op_spec.get("steps", 64))
         kernels = torch.stack([motion_kernel(size, intensity, g, steps) for g in generators])
@@ -87,8 +92,11 @@ def make_operator(
     elif kind == "bicubic":
         op = BicubicDownsample(int(op_spec.get("scale", 4)))
     elif kind == "inpaint":
-        op = InpaintMask(kind=op_spec.get("mask_kind", "box"), box_size=op_spec.get("box_size"),
-                         keep_ratio=float(op_spec.get("keep_ratio", 0.25)))  # fmt: skip
+        op = InpaintMask(
+            kind=op_spec.get("mask_kind", "box"),
+            box_size=op_spec.get("box_size"),
+            keep_ratio=float(op_spec.get("keep_ratio", 0.25)),
+        )
     elif kind == "identity":
         op = Identity()
     elif kind == "grayscale":

@@ -121,8 +121,9 @@ def test_nan_output_is_not_written_but_others_are(tmp_path):
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
-def test_read_errors_during_the_run_skip_the_image_and_the_run_goes_on(tmp_path, batch_size,
-                                                                        caplog):  # fmt: skip
+def test_read_errors_during_the_run_skip_the_image_and_the_run_goes_on(
+    tmp_path, batch_size, caplog
+):
     _inputs(tmp_path)
     _truncated_jpeg(tmp_path / "in" / "bad.jpg")  # an input that fails to decode mid-run
     _truncated_jpeg(tmp_path / "gt" / "img2.jpg", seed=1)  # a ground truth that does
@@ -172,9 +173,15 @@ class IdentityModule(HalfModule):
 
     def predict_step(self, batch, batch_idx):
         b = batch["lq"].shape[0]
-        return {"name": batch["name"], "restored": batch["lq"].clone(),
-                "extras": {"nan": torch.full((b,), float("nan")), "ok": torch.ones(b),
-                           "pair": torch.tensor([[float("inf"), 1.0]] * b)}}  # fmt: skip
+        return {
+            "name": batch["name"],
+            "restored": batch["lq"].clone(),
+            "extras": {
+                "nan": torch.full((b,), float("nan")),
+                "ok": torch.ones(b),
+                "pair": torch.tensor([[float("inf"), 1.0]] * b),
+            },
+        }
 
 
 def test_records_and_curves_are_strict_json(tmp_path):

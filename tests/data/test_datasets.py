@@ -138,8 +138,11 @@ def test_prior_folder_experiment_trains_on_any_folder(tmp_path):
     for split, n in (("train", 3), ("holdout", 2)):
         for i in range(n):
             save_image(torch.rand(3, 80, 90, generator=g), tmp_path / split / f"{split}{i}.png")
-    overrides = ["experiment=prior_folder", f"data.train.root={tmp_path / 'train'}",
-                 f"data.val.root={tmp_path / 'holdout'}"]  # fmt: skip
+    overrides = [
+        "experiment=prior_folder",
+        f"data.train.root={tmp_path / 'train'}",
+        f"data.val.root={tmp_path / 'holdout'}",
+    ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
         bare = compose("train", overrides=["experiment=prior_folder"])

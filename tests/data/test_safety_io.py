@@ -195,8 +195,11 @@ def test_duplicate_names_are_an_error_listing_them(tmp_path):
     (tmp_path / "dup.jpg").unlink()
     (tmp_path / "sub" / "x.bmp").unlink()
     idx = index_by_name(tmp_path)
-    assert {k: v.name for k, v in idx.items()} == {"dup": "dup.png", "ok": "ok.png",
-                                                   "sub/x": "x.png"}  # fmt: skip
+    assert {k: v.name for k, v in idx.items()} == {
+        "dup": "dup.png",
+        "ok": "ok.png",
+        "sub/x": "x.png",
+    }
 
 
 def test_dotted_names_keep_their_dots(tmp_path):

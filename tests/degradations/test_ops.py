@@ -158,9 +158,14 @@ def test_fft_path_equals_direct_filtering_and_subnormals_are_flushed():
 def test_kernels_have_no_subnormal_entries():
     from bir.degradations import build_kernels
 
-    kernels = build_kernels(["iso", "generalized_iso"], [21, 21], pad_to=21,
-                            sigma_x=torch.tensor([0.2, 0.3]), sigma_y=torch.tensor([0.2, 0.3]),
-                            beta=torch.tensor([1.0, 4.0]))  # fmt: skip
+    kernels = build_kernels(
+        ["iso", "generalized_iso"],
+        [21, 21],
+        pad_to=21,
+        sigma_x=torch.tensor([0.2, 0.3]),
+        sigma_y=torch.tensor([0.2, 0.3]),
+        beta=torch.tensor([1.0, 4.0]),
+    )
     nonzero = kernels[kernels != 0]
     assert nonzero.abs().min() >= torch.finfo(torch.float32).tiny
     assert (kernels == 0).any()  # the far tails underflow (they would be subnormal otherwise)

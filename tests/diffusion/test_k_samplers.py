@@ -97,8 +97,9 @@ def test_first_sde_step_by_hand_and_the_final_step_returns_the_denoised():
     x = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)
     z = torch.tensor([[[[0.5, -1.0], [2.0, 0.0]]]], dtype=torch.float64)
     sig = torch.tensor([2.0, 1.0], dtype=torch.float64)
-    out = sample_dpmpp_3m_sde(gaussian_denoiser, x, sig, eta=1.0, s_noise=1.0,
-                              noise_sampler=lambda s, sn: z)  # fmt: skip
+    out = sample_dpmpp_3m_sde(
+        gaussian_denoiser, x, sig, eta=1.0, s_noise=1.0, noise_sampler=lambda s, sn: z
+    )
     h = math.log(2.0)  # lambda = -log sigma: 0 -> log 2
     d = MU + S**2 / (S**2 + 4) * (3.0 - MU)
     expect = (
@@ -108,8 +109,9 @@ def test_first_sde_step_by_hand_and_the_final_step_returns_the_denoised():
     )
     torch.testing.assert_close(out, expect, rtol=1e-12, atol=1e-12)
     # a last sigma of 0 returns the denoiser's estimate at the previous level
-    out0 = sample_dpmpp_3m_sde(gaussian_denoiser, x, torch.tensor([2.0, 0.0]), eta=1.0,
-                               noise_sampler=lambda s, sn: z)  # fmt: skip
+    out0 = sample_dpmpp_3m_sde(
+        gaussian_denoiser, x, torch.tensor([2.0, 0.0]), eta=1.0, noise_sampler=lambda s, sn: z
+    )
     torch.testing.assert_close(out0, torch.full_like(x, d))
 
 

@@ -22,8 +22,11 @@ def _photo(size=48):
 
 def _blur(x, k):
     p = k.shape[-1] // 2
-    return F.conv2d(F.pad(x[None].double(), (p,) * 4, mode="reflect"),
-                    k.double().expand(3, 1, *k.shape), groups=3)[0]  # fmt: skip
+    return F.conv2d(
+        F.pad(x[None].double(), (p,) * 4, mode="reflect"),
+        k.double().expand(3, 1, *k.shape),
+        groups=3,
+    )[0]
 
 
 def _i_divergence(y, est):

@@ -51,8 +51,9 @@ def prior(tmp_path_factory) -> PixelPrior:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("prior") / "tiny_adm.pt"
     torch.save(TinyEpsNet().state_dict(), path)  # saved and loaded through the real loader
-    return PixelPrior(TinyEpsNet(), str(path), learned_sigma=True, image_size=16,
-                      checkpoint_what="tiny ADM")  # fmt: skip
+    return PixelPrior(
+        TinyEpsNet(), str(path), learned_sigma=True, image_size=16, checkpoint_what="tiny ADM"
+    )
 
 
 def observation(b: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -98,16 +99,20 @@ def test_adaptive_scale_closed_form():
     c, k = torch.tensor([-3.0, 1.0]), torch.tensor([1.0, -4.0])
     # image 0: (0.5*2 + 1*(-1)) + (-3) + 1 = -2 -> s = 2 / 0.5 = 4
     # image 1: (2*0.5 + (-1)*1) + 1 - 4 = -3 -> s = 3 / 2 = 1.5
-    assert torch.allclose(adaptive_guidance_scale(x_prev, mean, g, loss, c, k, "paper"),
-                          torch.tensor([4.0, 1.5]))  # fmt: skip
+    assert torch.allclose(
+        adaptive_guidance_scale(x_prev, mean, g, loss, c, k, "paper"), torch.tensor([4.0, 1.5])
+    )
     # the released code: s' = -|inner / L|, i.e. s = |inner / L| in bir's sign
-    assert torch.allclose(adaptive_guidance_scale(x_prev, mean, g, loss, c, k, "reference"),
-                          torch.tensor([4.0, 1.5]))  # fmt: skip
+    assert torch.allclose(
+        adaptive_guidance_scale(x_prev, mean, g, loss, c, k, "reference"), torch.tensor([4.0, 1.5])
+    )
     c2 = torch.tensor([3.0, 9.0])  # inner > 0: the paper's s is negative, the code's |.| is not
-    assert torch.allclose(adaptive_guidance_scale(x_prev, mean, g, loss, c2, k, "paper"),
-                          torch.tensor([-8.0, -2.5]))  # fmt: skip
-    assert torch.allclose(adaptive_guidance_scale(x_prev, mean, g, loss, c2, k, "reference"),
-                          torch.tensor([8.0, 2.5]))  # fmt: skip
+    assert torch.allclose(
+        adaptive_guidance_scale(x_prev, mean, g, loss, c2, k, "paper"), torch.tensor([-8.0, -2.5])
+    )
+    assert torch.allclose(
+        adaptive_guidance_scale(x_prev, mean, g, loss, c2, k, "reference"), torch.tensor([8.0, 2.5])
+    )
 
 
 def released_step(x0, kernel, mask, y_pm, s_code, lr):
@@ -145,8 +150,14 @@ def test_reference_scale_and_updates_are_the_released_code():
     sched = DiffusionSchedule(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
     op = KernelMaskOperator(kernel_size=9, use_mask=True, learn_mask=False).double()
     op.init_batch((1, 3, size, size), sample_generators(0, [0], "cpu", 3))
-    guidance = OperatorGuidance(op, y, sched, torch.tensor([-3000.0], dtype=torch.float64),
-                                scale_formula="reference", operator_lr=0.01)  # fmt: skip
+    guidance = OperatorGuidance(
+        op,
+        y,
+        sched,
+        torch.tensor([-3000.0], dtype=torch.float64),
+        scale_formula="reference",
+        operator_lr=0.01,
+    )
     x_t = torch.randn(1, 3, size, size, generator=g, dtype=torch.float64)
     prev_log_var = torch.ones_like(x_t)  # the code's torch.ones at the first step
     s_code = 3000.0
@@ -156,17 +167,29 @@ def test_reference_scale_and_updates_are_the_released_code():
         mean = torch.randn(1, 3, size, size, generator=g, dtype=torch.float64)
         log_var = -1 - torch.rand(1, 3, size, size, generator=g, dtype=torch.float64)
         kernel_before = op.kernel.detach()[0][:, None].clone()
-        shift, kernel_after = released_step(x0, kernel_before, op.mask.detach(), 2 * y - 1,
-                                           s_code, 0.01)  # fmt: skip
-        new_mean, _ = guidance(x_t, i, ModelOutput(eps=x0, x0=x0, log_variance=log_var),
-                               mean, log_var)  # fmt: skip
+        shift, kernel_after = released_step(
+            x0, kernel_before, op.mask.detach(), 2 * y - 1, s_code, 0.01
+        )
+        new_mean, _ = guidance(
+            x_t, i, ModelOutput(eps=x0, x0=x0, log_variance=log_var), mean, log_var
+        )
         assert torch.allclose(new_mean, mean + shift, atol=1e-9)
         assert torch.allclose(op.kernel.detach()[0][:, None], kernel_after, atol=1e-12)
-        x_prev = new_mean + torch.exp(0.5 * log_var) * torch.randn(x_t.shape, generator=g,
-                                                                   dtype=torch.float64)  # fmt: skip
+        x_prev = new_mean + torch.exp(0.5 * log_var) * torch.randn(
+            x_t.shape, generator=g, dtype=torch.float64
+        )
         guidance.after_step(x_t, x_prev, i, new_mean, log_var)
-        expected = released_scale(x_t, x_prev, new_mean, log_var, prev_log_var, shift,
-                                  kernel_after, op.mask.detach(), 2 * y - 1)  # fmt: skip
+        expected = released_scale(
+            x_t,
+            x_prev,
+            new_mean,
+            log_var,
+            prev_log_var,
+            shift,
+            kernel_after,
+            op.mask.detach(),
+            2 * y - 1,
+        )
         assert guidance.scale.item() == pytest.approx(-expected.item(), rel=1e-9)
         s_code, prev_log_var, x_t = -guidance.scale.item(), log_var, x_prev
 
@@ -280,8 +303,9 @@ def test_non_finite_image_raises_naming_it(prior):
 def test_batch_of_two_equals_two_runs_of_one(prior):
     y = observation(2, seed=4)
     # full BIR-D; s bounded so that float rounding of the batched convolution is not amplified
-    full = dict(adaptive_scale=True, dynamic_kernel=True, guidance_scale=200.0, scale_max=2000.0,
-                seed=1)  # fmt: skip
+    full = dict(
+        adaptive_scale=True, dynamic_kernel=True, guidance_scale=200.0, scale_max=2000.0, seed=1
+    )
     scale_only = dict(adaptive_scale=True, dynamic_kernel=False, guidance_scale=200.0, seed=1)
     for kw in (full, scale_only):
         both = method(prior, **kw).predict_step(batch(y, [10, 11]))
@@ -340,8 +364,14 @@ def test_patch_loss_averages_per_patch_updates_as_the_released_code():
     op.init_batch((1, 3, h, w), sample_generators(0, [0], "cpu", 3))
     k0, m0 = op.kernel.detach().clone(), op.mask.detach().clone()
     sched = DiffusionSchedule(torch.linspace(1e-4, 0.02, 10, dtype=torch.float64))
-    guidance = OperatorGuidance(op, y, sched, torch.tensor([7.0], dtype=torch.float64),
-                                patch_loss="patch", adaptive_scale=False)  # fmt: skip
+    guidance = OperatorGuidance(
+        op,
+        y,
+        sched,
+        torch.tensor([7.0], dtype=torch.float64),
+        patch_loss="patch",
+        adaptive_scale=False,
+    )
     mean = torch.zeros_like(x_t)
     new_mean, _ = guidance(x_t, torch.tensor([5]), out, mean, torch.zeros_like(x_t))
 
@@ -430,8 +460,12 @@ def test_presets_instantiate_with_the_released_numbers(prior, name):
             config_name="restore", overrides=[f"experiment={name}", "input=x", "output=y"]
         )
     cls, scale, adaptive, dynamic, noisy = PRESETS[name]
-    assert (cfg.method.guidance_scale, cfg.method.adaptive_scale, cfg.method.dynamic_kernel,
-            cfg.method.noisy_observation) == (scale, adaptive, dynamic, noisy)  # fmt: skip
+    assert (
+        cfg.method.guidance_scale,
+        cfg.method.adaptive_scale,
+        cfg.method.dynamic_kernel,
+        cfg.method.noisy_observation,
+    ) == (scale, adaptive, dynamic, noisy)
     assert cfg.method.scale_formula == "reference" and cfg.method.scale_max is None
     operator = hydra.utils.instantiate(cfg.operator)
     assert type(operator).__name__ == cls
@@ -485,8 +519,11 @@ def test_gdp_inpaint_mask_is_the_scripts_quarter_of_random_pixels():
 
 def test_guidance_scale_sweep_config():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="restore", overrides=["sweep=guidance_scale", "method=gdp", "input=x",
-                                                        "output=y"], return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            config_name="restore",
+            overrides=["sweep=guidance_scale", "method=gdp", "input=x", "output=y"],
+            return_hydra_config=True,
+        )
     params = cfg.hydra.sweeper.params
     assert "method.guidance_scale" in params and params["method.adaptive_scale"] == "false,true"
 
@@ -512,8 +549,13 @@ def test_runs_inside_a_trainer_in_inference_mode(prior):
     import lightning.pytorch as pl
 
     m = method(prior, steps=3, guidance_scale=500.0, adaptive_scale=False)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     loader = torch.utils.data.DataLoader([batch(observation(), [0])], batch_size=None)
     (out,) = trainer.predict(m, dataloaders=loader)
     start = KernelMaskOperator(kernel_size=5).initial_kernel()[0]

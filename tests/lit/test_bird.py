@@ -51,9 +51,17 @@ def tiny_unet(out_channels: int = 6) -> nn.Module:
     """A tiny ADM-flavour UNet (learned sigma: 6 output channels), random weights; the zero-init
     output conv is re-drawn so eps is not identically 0."""
     torch.manual_seed(0)
-    net = UNetModel(in_channels=3, model_channels=32, out_channels=out_channels, num_res_blocks=1,
-                    attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16,
-                    use_scale_shift_norm=True, resblock_updown=True)  # fmt: skip
+    net = UNetModel(
+        in_channels=3,
+        model_channels=32,
+        out_channels=out_channels,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_head_channels=16,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    )
     nn.init.normal_(net.out[-1].weight, std=0.05)
     return net
 
@@ -138,8 +146,15 @@ def test_decode_takes_eps_from_a_learned_sigma_output():
 @pytest.mark.parametrize("network_grad", [False, True])
 def test_one_iteration_decreases_the_data_loss(network_grad):
     y = observation()
-    bird = BIRD(make_prior(), FixedKernelBlur(kernel_size=3, sigma=1.0), delta_t=250, iterations=2,
-                lr=0.05, network_grad=network_grad, size_multiple=8)  # fmt: skip
+    bird = BIRD(
+        make_prior(),
+        FixedKernelBlur(kernel_size=3, sigma=1.0),
+        delta_t=250,
+        iterations=2,
+        lr=0.05,
+        network_grad=network_grad,
+        size_multiple=8,
+    )
     out = bird.restore(y, torch.tensor([0]))
     assert out["loss_curve"].shape == (1, 2)
     assert out["loss_curve"][0, 1] < out["loss_curve"][0, 0]
@@ -159,8 +174,14 @@ def test_sphere_projection_holds_after_every_step():
             BIRD.project_to_sphere(x_T)
             norms.append(x_T.flatten(1).norm(dim=1).clone())
 
-    bird = Recording(make_prior(), InpaintMask(kind="box", box_size=4), delta_t=250, iterations=3,
-                     lr=0.5, size_multiple=8)  # fmt: skip
+    bird = Recording(
+        make_prior(),
+        InpaintMask(kind="box", box_size=4),
+        delta_t=250,
+        iterations=3,
+        lr=0.5,
+        size_multiple=8,
+    )
     out = bird.restore(observation((2, 3, 16, 16)), torch.tensor([0, 1]))
     assert len(norms) == 3
     for n in norms:
@@ -174,8 +195,12 @@ def loss_of(bird: BIRD, x_T: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def test_full_gradient_matches_finite_differences():
     y = observation(dtype=torch.float64)
-    bird = BIRD(make_prior("conv", dtype=torch.float64), FixedKernelBlur(kernel_size=3, sigma=1.0).double(),
-                delta_t=250, network_grad=True)  # fmt: skip
+    bird = BIRD(
+        make_prior("conv", dtype=torch.float64),
+        FixedKernelBlur(kernel_size=3, sigma=1.0).double(),
+        delta_t=250,
+        network_grad=True,
+    )
     x_T = torch.randn(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x_T.requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_of(bird, x_T, y), x_T)
@@ -191,8 +216,9 @@ def test_full_gradient_matches_finite_differences():
 def test_network_free_gradient_is_the_explicit_ddim_jacobian():
     y = observation(dtype=torch.float64)
     prior = make_prior("conv", dtype=torch.float64)
-    bird = BIRD(prior, FixedKernelBlur(kernel_size=3, sigma=1.0).double(), delta_t=250,
-                network_grad=False)  # fmt: skip
+    bird = BIRD(
+        prior, FixedKernelBlur(kernel_size=3, sigma=1.0).double(), delta_t=250, network_grad=False
+    )
     x_T = torch.randn(1, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x_T.requires_grad_(True)
     (grad,) = torch.autograd.grad(loss_of(bird, x_T, y), x_T)
@@ -223,10 +249,16 @@ def test_signed_loss_is_the_released_mse_on_minus_one_one():
     kernel = torch.rand(5, 5, generator=torch.Generator().manual_seed(0))
     kernel = kernel / kernel.sum()
     x0, y = observation((2, 3, 12, 12), seed=3), observation((2, 3, 12, 12), seed=4)
-    unit = BIRD(make_prior(), FixedKernelBlur(kernel, padding="zeros_signed", correlate=True),
-                loss_range="unit")  # fmt: skip
-    signed = BIRD(make_prior(), FixedKernelBlur(kernel, padding="zeros_signed", correlate=True),
-                  loss_range="signed")  # fmt: skip
+    unit = BIRD(
+        make_prior(),
+        FixedKernelBlur(kernel, padding="zeros_signed", correlate=True),
+        loss_range="unit",
+    )
+    signed = BIRD(
+        make_prior(),
+        FixedKernelBlur(kernel, padding="zeros_signed", correlate=True),
+        loss_range="signed",
+    )
     # the released blind_deblurring.py: nn.MSELoss(conv2d(x, k, padding="same"), y) on [-1, 1]
     blurred = nn.functional.conv2d(
         (2 * x0 - 1).reshape(6, 1, 12, 12), kernel[None, None], padding="same"
@@ -240,8 +272,15 @@ def test_signed_loss_is_the_released_mse_on_minus_one_one():
 
 def test_save_every_returns_the_released_result_iteration():
     def run(iterations, save_every):
-        bird = BIRD(make_prior(), FixedKernelBlur(kernel_size=3, sigma=1.0), delta_t=250,
-                    iterations=iterations, lr=0.05, save_every=save_every, size_multiple=8)  # fmt: skip
+        bird = BIRD(
+            make_prior(),
+            FixedKernelBlur(kernel_size=3, sigma=1.0),
+            delta_t=250,
+            iterations=iterations,
+            lr=0.05,
+            save_every=save_every,
+            size_multiple=8,
+        )
         return bird.restore(observation(), torch.tensor([0]))
 
     saved = run(iterations=6, save_every=4)  # iterations 0 .. 5: the image of iteration 4
@@ -255,8 +294,15 @@ def test_save_every_returns_the_released_result_iteration():
 
 def test_batch_of_two_equals_two_runs_of_one():
     def run(y, index):
-        bird = BIRD(make_prior(), KernelMLPBlur(kernel_size=5, latent_dim=8, hidden=16),
-                    delta_t=250, iterations=3, lr=0.01, lr_operator=1e-3, size_multiple=8)  # fmt: skip
+        bird = BIRD(
+            make_prior(),
+            KernelMLPBlur(kernel_size=5, latent_dim=8, hidden=16),
+            delta_t=250,
+            iterations=3,
+            lr=0.01,
+            lr_operator=1e-3,
+            size_multiple=8,
+        )
         return bird.restore(y, torch.tensor(index))
 
     y = observation((2, 3, 16, 16))
@@ -269,8 +315,9 @@ def test_batch_of_two_equals_two_runs_of_one():
 
 
 def test_given_latent_is_used():
-    bird = BIRD(make_prior(), AvgPoolDownsample(2), delta_t=500, iterations=1, lr=0.0,
-                size_multiple=8)  # fmt: skip
+    bird = BIRD(
+        make_prior(), AvgPoolDownsample(2), delta_t=500, iterations=1, lr=0.0, size_multiple=8
+    )
     x_T = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     out = bird.restore(observation((1, 3, 8, 8)), torch.tensor([0]), x_T=x_T)
     expected = (bird.decode(x_T).detach() + 1) / 2
@@ -303,8 +350,9 @@ def test_every_operator_parameter_is_learned(make_operator):
                 )
             return super().data_loss(x0, y)
 
-    bird = Recording(make_prior(), op, delta_t=250, iterations=3, lr=0.01, lr_operator=0.05,
-                     size_multiple=8)  # fmt: skip
+    bird = Recording(
+        make_prior(), op, delta_t=250, iterations=3, lr=0.01, lr_operator=0.05, size_multiple=8
+    )
     bird.restore(observation((2, 3, 16, 16)), torch.tensor([0, 1]))
     params = [p for g in op.param_groups(1.0) for p in g["params"]]
     assert params and len(params) == len(starts)
@@ -313,8 +361,15 @@ def test_every_operator_parameter_is_learned(make_operator):
 
 
 def test_learned_kernel_stays_a_distribution():
-    bird = BIRD(make_prior(), LearnableKernelBlur(kernel_size=5, init="uniform"), delta_t=250,
-                iterations=4, lr=0.05, lr_operator=0.5, size_multiple=8)  # fmt: skip
+    bird = BIRD(
+        make_prior(),
+        LearnableKernelBlur(kernel_size=5, init="uniform"),
+        delta_t=250,
+        iterations=4,
+        lr=0.05,
+        lr_operator=0.5,
+        size_multiple=8,
+    )
     kernel = bird.restore(observation((2, 3, 16, 16)), torch.tensor([0, 1]))["kernel"]
     assert kernel.shape == (2, 1, 5, 5) and (kernel >= 0).all()
     assert torch.allclose(kernel.sum((-1, -2)), torch.ones(2, 1), atol=1e-6)
@@ -325,8 +380,14 @@ def test_super_resolution_and_padding_sizes():
     bird = BIRD(make_prior(), AvgPoolDownsample(2), delta_t=500, iterations=1, size_multiple=8)
     out = bird.restore(observation((1, 3, 10, 6)), torch.tensor([0]))
     assert out["restored"].shape == (1, 3, 20, 12) and out["x_T"].shape == (1, 3, 24, 16)
-    strict = BIRD(make_prior(), AvgPoolDownsample(2), delta_t=500, iterations=1,
-                  size_multiple=8, fully_convolutional=False)  # fmt: skip
+    strict = BIRD(
+        make_prior(),
+        AvgPoolDownsample(2),
+        delta_t=500,
+        iterations=1,
+        size_multiple=8,
+        fully_convolutional=False,
+    )
     with pytest.raises(ValueError, match="only runs at 16x16"):
         strict.restore(observation((1, 3, 10, 6)), torch.tensor([0]))
 
@@ -345,11 +406,23 @@ def test_predict_through_the_trainer_returns_the_contract(tmp_path):
         {"lq": observation((3, 16, 16), seed=i), "name": f"img{i}", "index": torch.tensor(i)}
         for i in range(2)
     ]
-    loader = DataLoader(batches, batch_size=2, collate_fn=lambda items: {
-        "lq": torch.stack([it["lq"] for it in items]), "name": [it["name"] for it in items],
-        "index": torch.stack([it["index"] for it in items])})  # fmt: skip
-    bird = BIRD(make_prior(), KernelMLPBlur(kernel_size=3, latent_dim=4, hidden=8), delta_t=500,
-                iterations=3, save_every=2, size_multiple=8)  # fmt: skip
+    loader = DataLoader(
+        batches,
+        batch_size=2,
+        collate_fn=lambda items: {
+            "lq": torch.stack([it["lq"] for it in items]),
+            "name": [it["name"] for it in items],
+            "index": torch.stack([it["index"] for it in items]),
+        },
+    )
+    bird = BIRD(
+        make_prior(),
+        KernelMLPBlur(kernel_size=3, latent_dim=4, hidden=8),
+        delta_t=500,
+        iterations=3,
+        save_every=2,
+        size_multiple=8,
+    )
     logger = CSVLogger(tmp_path)
     trainer = pl.Trainer(
         accelerator="cpu", inference_mode=False, logger=logger, enable_progress_bar=False

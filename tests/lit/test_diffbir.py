@@ -36,9 +36,16 @@ def tiny_method(seed: int = 0, **overrides) -> DiffBIR:
     """The real method=diffbir config with the tiny networks (random weights, trained-looking
     ControlNet: non-zero zero-convs and hint weights)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("restore", overrides=["method=diffbir", "input=x", "output=y",
-                                            "net@method.controlldm=controlnet_tiny",
-                                            "net@method.stage1=swinir_tiny"])  # fmt: skip
+        cfg = compose(
+            "restore",
+            overrides=[
+                "method=diffbir",
+                "input=x",
+                "output=y",
+                "net@method.controlldm=controlnet_tiny",
+                "net@method.stage1=swinir_tiny",
+            ],
+        )
     torch.manual_seed(seed)
     unet = hydra.utils.instantiate(cfg.method.controlldm.unet)
     nn.init.normal_(unet.out[2].weight, std=0.02)
@@ -170,14 +177,33 @@ def test_bir_restore_method_diffbir_end_to_end(tmp_path):
     from bir.data.io import save_image
 
     save_image(torch.rand(3, 20, 24), tmp_path / "in" / "a.png")
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    args = ["method=diffbir", "net@method.controlldm=controlnet_tiny", "net@method.stage1=swinir_tiny",
-            "method.stage1_ckpt_path=null", "method.controlldm.control_ckpt_path=null",
-            "method.steps=2", "method.guidance.scale=0.1", f"input={tmp_path / 'in'}",
-            f"output={tmp_path / 'out'}", "callbacks.progress_bar=null"]  # fmt: skip
-    proc = subprocess.run([str(Path(sys.executable).parent / "bir-restore"), *args], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        "method=diffbir",
+        "net@method.controlldm=controlnet_tiny",
+        "net@method.stage1=swinir_tiny",
+        "method.stage1_ckpt_path=null",
+        "method.controlldm.control_ckpt_path=null",
+        "method.steps=2",
+        "method.guidance.scale=0.1",
+        f"input={tmp_path / 'in'}",
+        f"output={tmp_path / 'out'}",
+        "callbacks.progress_bar=null",
+    ]
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "bir-restore"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "a.png").is_file()
     record = json.loads((tmp_path / "out" / "records" / "a.json").read_text())
@@ -201,15 +227,18 @@ PRESETS = {
 
 def compose_preset(experiment: str, overrides=()):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("restore", overrides=[f"experiment={experiment}", "input=x", "output=y",
-                                             *overrides])  # fmt: skip
+        return compose(
+            "restore", overrides=[f"experiment={experiment}", "input=x", "output=y", *overrides]
+        )
 
 
 def tiny_preset(experiment: str, seed: int = 0, **overrides) -> DiffBIR:
     """A release preset with tiny random networks, sizes scaled down (short side 32, padding 16)."""
     stage1 = PRESETS[experiment][0]
-    cfg = compose_preset(experiment, ["net@method.controlldm=controlnet_tiny",
-                                      f"net@method.stage1={STAGE1_TINY[stage1]}"])  # fmt: skip
+    cfg = compose_preset(
+        experiment,
+        ["net@method.controlldm=controlnet_tiny", f"net@method.stage1={STAGE1_TINY[stage1]}"],
+    )
     torch.manual_seed(seed)
     unet = hydra.utils.instantiate(cfg.method.controlldm.unet)
     nn.init.normal_(unet.out[2].weight, std=0.02)
@@ -236,8 +265,10 @@ def u8_lq(h: int, w: int, seed: int = 0) -> dict:
 def test_release_presets_compose_with_the_release_defaults(experiment):
     stage1, pipeline, sampler, steps, cfg_scale, prediction, zsnr, upscale = PRESETS[experiment]
     m = compose_preset(experiment).method
-    assert m.stage1._target_.split(".")[-1] == {"swinir": "SwinIR", "bsrnet": "RRDBNet",
-                                                "scunet": "SCUNet"}[stage1]  # fmt: skip
+    assert (
+        m.stage1._target_.split(".")[-1]
+        == {"swinir": "SwinIR", "bsrnet": "RRDBNet", "scunet": "SCUNet"}[stage1]
+    )
     assert (m.pipeline, m.sampler, m.steps, m.cfg_scale) == (pipeline, sampler, steps, cfg_scale)
     assert (m.prediction, m.schedule.zero_terminal_snr, m.upscale) == (prediction, zsnr, upscale)
     assert (m.min_side, m.pad_to, m.output_rounding) == (512, 64, "truncate")
@@ -332,8 +363,9 @@ def test_v2_1_options_start_noise_aug_rescale_and_unapplied_guidance():
     batch = u8_lq(8, 9)
     # eps and no zero-SNR (v2.1's code with v2 weights): with zero-SNR, q(z_999 | c) is pure
     # noise and start=cond changes nothing
-    common = dict(steps=3, schedule={"zero_terminal_snr": False}, prediction="eps",
-                  output_rounding="round")  # fmt: skip
+    common = dict(
+        steps=3, schedule={"zero_terminal_snr": False}, prediction="eps", output_rounding="round"
+    )
     base = tiny_preset("diffbir_v2_1_face", **common)
     ref = base.predict_step(batch)["restored"]
     assert torch.equal(ref, base.predict_step(batch)["restored"])  # deterministic per seed
@@ -344,8 +376,12 @@ def test_v2_1_options_start_noise_aug_rescale_and_unapplied_guidance():
     unapplied = tiny_preset("diffbir_v2_1_face", **common, guidance={"scale": 0.5, "loss": "mse"})
     assert torch.equal(unapplied.predict_step(batch)["restored"], ref)
     with pytest.raises(ValueError, match="edm_dpmpp_3m_sde"):
-        tiny_preset("diffbir_v2_1_face", steps=3, apply_guidance=True,
-                    guidance={"scale": 0.5, "loss": "mse"}).predict_step(batch)  # fmt: skip
+        tiny_preset(
+            "diffbir_v2_1_face",
+            steps=3,
+            apply_guidance=True,
+            guidance={"scale": 0.5, "loss": "mse"},
+        ).predict_step(batch)
 
 
 def test_ldm_ddim_timesteps_are_used_by_the_presets():
@@ -357,8 +393,12 @@ def test_ldm_ddim_timesteps_are_used_by_the_presets():
 
 
 def test_bad_release_options_are_rejected():
-    for bad in ({"pipeline": "v3"}, {"start": "x"}, {"ddim_timesteps": "k"},
-                {"output_rounding": "ceil"}):  # fmt: skip
+    for bad in (
+        {"pipeline": "v3"},
+        {"start": "x"},
+        {"ddim_timesteps": "k"},
+        {"output_rounding": "ceil"},
+    ):
         with pytest.raises(Exception, match="must be one of"):
             tiny_method(**bad)
     with pytest.raises(Exception, match="pad_to"):

@@ -30,8 +30,17 @@ from bir.random import randn, sample_generators
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
-TINY = dict(img_size=8, embed_dim=8, depths=[2], num_heads=[2], window_size=4, sf=4,
-            unshuffle_scale=4, num_feat=8, drop_path_rate=0.0)  # fmt: skip
+TINY = dict(
+    img_size=8,
+    embed_dim=8,
+    depths=[2],
+    num_heads=[2],
+    window_size=4,
+    sf=4,
+    unshuffle_scale=4,
+    num_feat=8,
+    drop_path_rate=0.0,
+)
 SEED = 3
 
 
@@ -79,9 +88,18 @@ def make_module(lr: float = 1e-3, **kwargs) -> Stage1Restoration:
 
 
 def trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
-    args = dict(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                limit_val_batches=0, default_root_dir=tmp_path, deterministic=True)  # fmt: skip
+    args = dict(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
     return pl.Trainer(callbacks=list(callbacks), **{**args, **kwargs})
 
 

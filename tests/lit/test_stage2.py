@@ -56,8 +56,11 @@ class NoiseDegradation(nn.Module):
 
 def make_module(lr: float = 1e-3, **kwargs) -> Stage2ControlLDM:
     controlldm, stage1 = tiny_parts()
-    defaults = dict(degradation=NoiseDegradation(),
-                    optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0), seed=7)  # fmt: skip
+    defaults = dict(
+        degradation=NoiseDegradation(),
+        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+        seed=7,
+    )
     return Stage2ControlLDM(controlldm, stage1, **{**defaults, **kwargs})
 
 
@@ -142,8 +145,12 @@ def test_eps_and_v_targets_and_per_sample_draws():
     with torch.no_grad():
         loss_v, inp = module.diffusion_loss(batch_of([1, 2]), training=True)
         i = torch.searchsorted(module.schedule.timesteps, inp["t"])
-        pred = module.model(module.schedule.q_sample(inp["z0"], i, _noise(module, [1, 2])), inp["t"],
-                            inp["context"], inp["cond"])  # fmt: skip
+        pred = module.model(
+            module.schedule.q_sample(inp["z0"], i, _noise(module, [1, 2])),
+            inp["t"],
+            inp["context"],
+            inp["cond"],
+        )
         v = module.schedule.v_from_x0_eps(inp["z0"], i, _noise(module, [1, 2]))
     torch.testing.assert_close(loss_v, nn.functional.mse_loss(pred, v))
 
@@ -161,8 +168,10 @@ def test_ema_update_formula():
             p.add_(1.0)
     module.update_ema()
     new = nn.utils.parameters_to_vector(module.model.controlnet.parameters())
-    torch.testing.assert_close(nn.utils.parameters_to_vector(module.ema_controlnet.parameters()),
-                               0.9 * ema_before + 0.1 * new)  # fmt: skip
+    torch.testing.assert_close(
+        nn.utils.parameters_to_vector(module.ema_controlnet.parameters()),
+        0.9 * ema_before + 0.1 * new,
+    )
     assert not any(p.requires_grad for p in module.ema_controlnet.parameters())
 
 
@@ -170,9 +179,17 @@ def test_ema_update_formula():
 def test_ema_is_updated_after_every_optimizer_step_under_accumulation(tmp_path):
     module = make_module(ema_decay=0.0)  # decay 0: the EMA must equal the latest weights
     before = nn.utils.parameters_to_vector(module.model.controlnet.parameters()).detach().clone()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, DataLoader(Photos(), batch_size=1))
     after = nn.utils.parameters_to_vector(module.model.controlnet.parameters())
     ema = nn.utils.parameters_to_vector(module.ema_controlnet.parameters())
@@ -183,9 +200,16 @@ def test_ema_is_updated_after_every_optimizer_step_under_accumulation(tmp_path):
 @pytest.mark.filterwarnings("ignore:.*eval mode.*", "ignore:.*val_dataloader.*")
 def test_fit_saves_only_the_controlnet_and_the_checkpoint_loads_into_controlldm(tmp_path):
     module = make_module(ema_decay=0.5)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, DataLoader(Photos(), batch_size=2))
     ckpt = tmp_path / "stage2.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -214,10 +238,22 @@ def test_fit_saves_only_the_controlnet_and_the_checkpoint_loads_into_controlldm(
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["cpu", pytest.param("ddp_cpu", marks=pytest.mark.ddp)])
 def test_tiny_experiment_trains_through_bir_train(tmp_path, trainer):
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-           "BIR_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [str(Path(sys.executable).parent / "bir-train"), "experiment=diffbir_stage2_tiny",
-           "run_name=t", "callbacks.progress_bar=null", "logger=csv", f"trainer={trainer}"]  # fmt: skip
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        "BIR_ROOT": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "bir-train"),
+        "experiment=diffbir_stage2_tiny",
+        "run_name=t",
+        "callbacks.progress_bar=null",
+        "logger=csv",
+        f"trainer={trainer}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "outputs" / "diffbir_stage2_tiny" / "t"

@@ -22,8 +22,12 @@ def _net():
 
 def test_missing_file_names_file_url_and_key(tmp_path):
     with pytest.raises(MissingCheckpointError) as err:
-        load_checkpoint(tmp_path / "v2.pth", what="DiffBIR control", url="https://example.org/v2.pth",
-                        config_key="method.control_ckpt")  # fmt: skip
+        load_checkpoint(
+            tmp_path / "v2.pth",
+            what="DiffBIR control",
+            url="https://example.org/v2.pth",
+            config_key="method.control_ckpt",
+        )
     msg = str(err.value)
     assert "v2.pth" in msg and "https://example.org/v2.pth" in msg and "method.control_ckpt" in msg
 
@@ -38,8 +42,11 @@ def test_unwrap_formats_round_trip(tmp_path, wrap):
 
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     else:
-        obj = {"bare": sd, "lightning": {"state_dict": sd, "epoch": 3},
-               "params_ema": {"params_ema": sd}}[wrap]  # fmt: skip
+        obj = {
+            "bare": sd,
+            "lightning": {"state_dict": sd, "epoch": 3},
+            "params_ema": {"params_ema": sd},
+        }[wrap]
         torch.save(obj, path)
     loaded = load_checkpoint(path)
     other = _net()

@@ -277,8 +277,9 @@ def test_controlldm_loads_control_only_and_v1_full_checkpoints(tmp_path):
     sd |= {f"first_stage_model.{k}": v for k, v in src.vae.state_dict().items()}
     sd |= {f"cond_stage_model.model.{k}": v for k, v in src.clip.model.state_dict().items()}
     torch.save({"state_dict": sd}, tmp_path / "sd21.ckpt")
-    dst = tiny_controlldm(seed=2, sd_ckpt_path=str(tmp_path / "sd21.ckpt"),
-                          control_ckpt_path=str(tmp_path / "v2.pth"))  # fmt: skip
+    dst = tiny_controlldm(
+        seed=2, sd_ckpt_path=str(tmp_path / "sd21.ckpt"), control_ckpt_path=str(tmp_path / "v2.pth")
+    )
     with torch.no_grad():
         torch.testing.assert_close(dst(z, t, ctx, cond), expected, rtol=0, atol=0)
     assert dst.cond_encoder is None
@@ -286,8 +287,10 @@ def test_controlldm_loads_control_only_and_v1_full_checkpoints(tmp_path):
     full = dict(sd)
     full |= {f"control_model.{k}": v for k, v in src.controlnet.state_dict().items()}
     g = torch.Generator().manual_seed(4)
-    cond_enc = {f"cond_encoder.encoder.{k}": v + 0.01 * torch.randn(v.shape, generator=g)
-                for k, v in src.vae.encoder.state_dict().items()}  # fmt: skip
+    cond_enc = {
+        f"cond_encoder.encoder.{k}": v + 0.01 * torch.randn(v.shape, generator=g)
+        for k, v in src.vae.encoder.state_dict().items()
+    }
     cond_enc |= {
         f"cond_encoder.quant_conv.{k}": v for k, v in src.vae.quant_conv.state_dict().items()
     }

@@ -116,14 +116,25 @@ DROPPED = {"clip": {"logit_scale": ()}}  # the full-CLIP temperature; bir keeps 
 
 #: ldm LatentDiffusion's schedule buffers, present in ldm checkpoints and ignored by bir
 SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2",
-)  # fmt: skip
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
 
-SD_PARTS = {"model.diffusion_model.": "unet", "first_stage_model.": "vae",
-            "cond_stage_model.model.": "clip"}  # fmt: skip
+SD_PARTS = {
+    "model.diffusion_model.": "unet",
+    "first_stage_model.": "vae",
+    "cond_stage_model.model.": "clip",
+}
 
 
 @dataclass(frozen=True)
@@ -263,8 +274,14 @@ def test_bir_network_has_the_released_key_layout(real_size, net):
 
 def test_derived_bsrnet_layout_from_the_architecture(real_size):
     # the ESRGAN structure written out: 5 convs per dense block, 3 blocks per RRDB, 23 RRDBs
-    convs = {"conv_first": (64, 3), "trunk_conv": (64, 64), "upconv1": (64, 64),
-             "upconv2": (64, 64), "HRconv": (64, 64), "conv_last": (3, 64)}  # fmt: skip
+    convs = {
+        "conv_first": (64, 3),
+        "trunk_conv": (64, 64),
+        "upconv1": (64, 64),
+        "upconv2": (64, 64),
+        "HRconv": (64, 64),
+        "conv_last": (3, 64),
+    }
     for i in range(23):
         for j in (1, 2, 3):
             for k in range(1, 6):
@@ -370,9 +387,13 @@ def test_tiny_file_in_the_release_format_loads_through_bir(tmp_path, filename):
     spec = RELEASED_FILES[filename]
     src_ldm = tiny_ldm(seed=1)
     randomise(src_ldm.controlnet, 2)
-    nets = {"unet": src_ldm.unet, "vae": src_ldm.vae, "clip": src_ldm.clip.model,
-            "controlnet": src_ldm.controlnet,
-            "cond_encoder": randomise(v1_condition_encoder(src_ldm.vae), 3)}  # fmt: skip
+    nets = {
+        "unet": src_ldm.unet,
+        "vae": src_ldm.vae,
+        "clip": src_ldm.clip.model,
+        "controlnet": src_ldm.controlnet,
+        "cond_encoder": randomise(v1_condition_encoder(src_ldm.vae), 3),
+    }
     if spec.stage1 is not None:
         torch.manual_seed(4)
         nets[spec.stage1] = randomise(instantiate_net(TINY[spec.stage1]), 5)

@@ -100,10 +100,18 @@ def test_dense_blocks_start_near_the_identity():
 
 def test_release_key_names():
     net = RRDBNet(nf=8, nb=2, gc=4, sf=4)
-    expected = {f"{n}.{p}" for n in ("conv_first", "trunk_conv", "upconv1", "upconv2", "HRconv",
-                                     "conv_last") for p in ("weight", "bias")}  # fmt: skip
-    expected |= {f"RRDB_trunk.{i}.RDB{j}.conv{k}.{p}" for i in range(2) for j in (1, 2, 3)
-                 for k in range(1, 6) for p in ("weight", "bias")}  # fmt: skip
+    expected = {
+        f"{n}.{p}"
+        for n in ("conv_first", "trunk_conv", "upconv1", "upconv2", "HRconv", "conv_last")
+        for p in ("weight", "bias")
+    }
+    expected |= {
+        f"RRDB_trunk.{i}.RDB{j}.conv{k}.{p}"
+        for i in range(2)
+        for j in (1, 2, 3)
+        for k in range(1, 6)
+        for p in ("weight", "bias")
+    }
     assert set(net.state_dict()) == expected
     assert "upconv2.weight" not in RRDBNet(nf=8, nb=1, gc=4, sf=2).state_dict()
 

@@ -136,8 +136,11 @@ def test_output_keeps_any_input_size_and_pads_by_replication(size):
 
 def test_which_blocks_shift_follows_the_nominal_resolution():
     def shifted(net):
-        return {n.rsplit(".trans_block", 1)[0] for n, m in net.named_modules()
-                if isinstance(m, WMSA) and m.shifted}  # fmt: skip
+        return {
+            n.rsplit(".trans_block", 1)[0]
+            for n, m in net.named_modules()
+            if isinstance(m, WMSA) and m.shifted
+        }
 
     # tiny: input_resolution 16, window 4 -> levels 0 (16) and 1 (8) shift their odd blocks,
     # levels 2 (4) and 3 (2) never do
@@ -153,17 +156,46 @@ def test_which_blocks_shift_follows_the_nominal_resolution():
 def test_release_key_names():
     net = SCUNet(config=[1, 1, 1, 1, 1, 1, 1], dim=8, head_dim=4, window_size=4)
     keys = set(net.state_dict())
-    block = {"conv1_1.weight", "conv1_1.bias", "conv1_2.weight", "conv1_2.bias",
-             "conv_block.0.weight", "conv_block.2.weight", "trans_block.ln1.weight",
-             "trans_block.ln1.bias", "trans_block.msa.embedding_layer.weight",
-             "trans_block.msa.embedding_layer.bias", "trans_block.msa.relative_position_params",
-             "trans_block.msa.linear.weight", "trans_block.msa.linear.bias",
-             "trans_block.ln2.weight", "trans_block.ln2.bias", "trans_block.mlp.0.weight",
-             "trans_block.mlp.0.bias", "trans_block.mlp.2.weight", "trans_block.mlp.2.bias"}  # fmt: skip
-    expected = {"m_head.0.weight", "m_tail.0.weight", "m_down1.1.weight", "m_down2.1.weight",
-                "m_down3.1.weight", "m_up3.0.weight", "m_up2.0.weight", "m_up1.0.weight"}  # fmt: skip
-    for stage, idx in [("m_down1", 0), ("m_down2", 0), ("m_down3", 0), ("m_body", 0),
-                       ("m_up3", 1), ("m_up2", 1), ("m_up1", 1)]:  # fmt: skip
+    block = {
+        "conv1_1.weight",
+        "conv1_1.bias",
+        "conv1_2.weight",
+        "conv1_2.bias",
+        "conv_block.0.weight",
+        "conv_block.2.weight",
+        "trans_block.ln1.weight",
+        "trans_block.ln1.bias",
+        "trans_block.msa.embedding_layer.weight",
+        "trans_block.msa.embedding_layer.bias",
+        "trans_block.msa.relative_position_params",
+        "trans_block.msa.linear.weight",
+        "trans_block.msa.linear.bias",
+        "trans_block.ln2.weight",
+        "trans_block.ln2.bias",
+        "trans_block.mlp.0.weight",
+        "trans_block.mlp.0.bias",
+        "trans_block.mlp.2.weight",
+        "trans_block.mlp.2.bias",
+    }
+    expected = {
+        "m_head.0.weight",
+        "m_tail.0.weight",
+        "m_down1.1.weight",
+        "m_down2.1.weight",
+        "m_down3.1.weight",
+        "m_up3.0.weight",
+        "m_up2.0.weight",
+        "m_up1.0.weight",
+    }
+    for stage, idx in [
+        ("m_down1", 0),
+        ("m_down2", 0),
+        ("m_down3", 0),
+        ("m_body", 0),
+        ("m_up3", 1),
+        ("m_up2", 1),
+        ("m_up1", 1),
+    ]:
         expected |= {f"{stage}.{idx}.{k}" for k in block}
     assert keys == expected
     # heads = transformer half / head_dim: body 8 dim / 2 / 4 = 8 heads, window 4 -> 7 x 7 table

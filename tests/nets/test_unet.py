@@ -298,8 +298,17 @@ def test_adm_bare_and_prefixed_round_trip(tmp_path):
         torch.testing.assert_close(dst(x, t), src(x, t))
     # a checkpoint of another architecture (new attention order does not change keys, but a
     # different width does) fails with the offending shapes listed
-    other = UNetModel(3, 64, 6, 1, [2], (1, 1), num_head_channels=16, use_scale_shift_norm=True,
-                      resblock_updown=True)  # fmt: skip
+    other = UNetModel(
+        3,
+        64,
+        6,
+        1,
+        [2],
+        (1, 1),
+        num_head_channels=16,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+    )
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
         load_adm_unet(build("unet_adm_tiny"), tmp_path / "other.pt")

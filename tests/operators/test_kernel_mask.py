@@ -34,8 +34,9 @@ def test_default_start_is_gkern_and_delta_without_mask_is_identity():
 @pytest.mark.parametrize("correlate", [True, False])
 def test_forward_matches_explicit_filtering_plus_mask(correlate):
     g = torch.Generator().manual_seed(1)
-    op = KernelMaskOperator(kernel_size=3, padding="zeros", mask_init_scale=0.5,
-                            correlate=correlate)  # fmt: skip
+    op = KernelMaskOperator(
+        kernel_size=3, padding="zeros", mask_init_scale=0.5, correlate=correlate
+    )
     op.init_batch((2, 3, 8, 8), sample_generators(0, [3, 4]))
     x = torch.rand(2, 3, 8, 8, generator=g)
     with torch.no_grad():

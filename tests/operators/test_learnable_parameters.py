@@ -29,7 +29,7 @@ OPERATORS = {
     "kernel_mlp": lambda: KernelMLPBlur(kernel_size=3, latent_dim=4, hidden=8),
     "compose": lambda: Compose(
         [KernelMaskOperator(kernel_size=3, use_mask=False), LowLightOperator()]
-    ),  # fmt: skip
+    ),
 }
 METHODS = {  # overrides that make each method learn the operator, in a few steps
     "bird": ["method=bird", "method.iterations=1", "method.delta_t=250"],
@@ -39,7 +39,7 @@ METHODS = {  # overrides that make each method learn the operator, in a few step
         "method.steps=2",
         "method.dynamic_kernel=true",
         "method.guidance_scale=100.0",
-    ],  # fmt: skip
+    ],
 }
 
 
@@ -52,16 +52,20 @@ def prior():
 
 
 def learnable(op) -> dict[str, torch.Tensor]:
-    return {f"{g['name']}.{k}": p.detach().clone()
-            for g in op.param_groups(0.01) for k, p in enumerate(g["params"])}  # fmt: skip
+    return {
+        f"{g['name']}.{k}": p.detach().clone()
+        for g in op.param_groups(0.01)
+        for k, p in enumerate(g["params"])
+    }
 
 
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 @pytest.mark.parametrize("op_name", sorted(OPERATORS))
 def test_every_learnable_parameter_moves(prior, method_name, op_name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="restore",
-                      overrides=[*METHODS[method_name], "input=x", "output=y"])  # fmt: skip
+        cfg = compose(
+            config_name="restore", overrides=[*METHODS[method_name], "input=x", "output=y"]
+        )
     op = OPERATORS[op_name]()
     start: dict[str, torch.Tensor] = {}
     init_batch = op.init_batch

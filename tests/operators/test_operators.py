@@ -212,7 +212,7 @@ def test_motion_kernel_is_a_distribution_from_its_generator():
         {"kind": "inpaint", "mask_kind": "random"},
         {"kind": "identity"},
         {"kind": "grayscale"},
-    ],  # fmt: skip
+    ],
 )
 def test_degrade_returns_truth_that_reproduces_y(spec):
     x = torch.rand(2, 3, 16, 16)
