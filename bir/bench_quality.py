@@ -142,7 +142,8 @@ def is_oracle(label: str) -> bool:
 
 
 def run_baseline(kind: str, task: Task, y: torch.Tensor, truth: dict, swinir=None) -> torch.Tensor:
-    from bir.lit.baselines import ClassicalBaseline, gaussian_kernel
+    from bir.lit.baselines import ClassicalBaseline
+    from bir.operators.blur import gaussian_kernel
 
     if kind == "swinir":
         with torch.no_grad():
@@ -159,7 +160,7 @@ def run_baseline(kind: str, task: Task, y: torch.Tensor, truth: dict, swinir=Non
     if kind == "blind_richardson_lucy":
         # the support the learnable kernels of the methods get, from the same Gaussian start
         size = task.op_spec["kernel_size"]
-        init = gaussian_kernel(size, 1.0)
+        init = gaussian_kernel(size, 1.0, dtype=torch.float64)
         return ClassicalBaseline(kind, kernel=init, num_iter=BLIND_RL_ITERATIONS).restore(y)
     if kind == "tv":
         return ClassicalBaseline("tv", tv_weight=None).restore(y)

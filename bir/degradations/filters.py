@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bir.operators.blur import convolve_per_image, gaussian_kernel
+
 
 def reflect_indices(
     n: int, before: int, after: int, device: torch.device | str = "cpu"
@@ -116,28 +118,11 @@ def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 def filter2d_valid(padded: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Per-sample correlation without padding: [B, C, H, W] * [B, k, k] -> [B, C, H-k+1, W-k+1].
 
-    One grouped convolution: the batch becomes channels, one group per (sample, channel);
-    subnormal kernel entries are flushed to zero first (:func:`flush_subnormal`).
+    One grouped convolution (:func:`bir.operators.blur.convolve_per_image`, ``valid``); subnormal
+    kernel entries are flushed to zero first (:func:`flush_subnormal`).
     """
-    b, c, h, w = padded.shape
-    k = kernels.shape[-1]
-    weight = flush_subnormal(kernels.to(padded.dtype)).repeat_interleave(c, dim=0).unsqueeze(1)
-    out = F.conv2d(padded.reshape(1, b * c, h, w), weight, groups=b * c)
-    return out.view(b, c, h - k + 1, w - k + 1)
-
-
-def gaussian_kernel_1d(
-    ksize: int, sigma: float = 0.0, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """OpenCV ``getGaussianKernel``: sigma <= 0 means 0.3 * ((ksize - 1) / 2 - 1) + 0.8. [ksize], sums to 1.
-
-    (OpenCV uses fixed tables for ksize <= 7 with sigma <= 0; callers here use ksize >= 9.)
-    """
-    if sigma <= 0:
-        sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
-    x = torch.arange(ksize, dtype=dtype) - (ksize - 1) / 2
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    return k / k.sum()
+    weight = flush_subnormal(kernels.to(padded.dtype))[:, None]
+    return convolve_per_image(padded, weight, "valid", correlate=True)
 
 
 def usm_sharp(
@@ -154,8 +139,8 @@ def usm_sharp(
     """
     if radius % 2 == 0:
         radius += 1
-    k1 = gaussian_kernel_1d(radius).to(img.device)
-    kernel = torch.outer(k1, k1).to(img.dtype)
+    sigma = 0.3 * ((radius - 1) * 0.5 - 1) + 0.8  # OpenCV getGaussianKernel's default (sigma 0)
+    kernel = gaussian_kernel(radius, sigma, dtype=img.dtype).to(img.device)
     blur = filter2d(img, kernel)
     residual = img - blur
     mask = (residual.abs() * 255 > threshold).to(img.dtype)

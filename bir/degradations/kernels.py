@@ -28,16 +28,17 @@ import torch
 from bir.degradations.filters import flush_subnormal
 from bir.random import choice, uniform
 
-KERNEL_KINDS = (
+#: the kernel families Real-ESRGAN draws from (its default ``kernel_list``)
+REAL_ESRGAN_KERNELS = (
     "iso",
     "aniso",
     "generalized_iso",
     "generalized_aniso",
     "plateau_iso",
     "plateau_aniso",
-    "sinc",
-    "pulse",
 )
+#: every kind :func:`build_kernels` builds: those families, the sinc and the identity pulse
+KERNEL_KINDS = (*REAL_ESRGAN_KERNELS, "sinc", "pulse")
 
 
 def kernel_grid(

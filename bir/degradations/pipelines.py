@@ -30,7 +30,12 @@ from bir.degradations.filters import (
     usm_sharp,
 )
 from bir.degradations.jpeg import DiffJPEG
-from bir.degradations.kernels import draw_mixed_kernel_params, draw_sinc_params, kernels_from_params
+from bir.degradations.kernels import (
+    REAL_ESRGAN_KERNELS,
+    draw_mixed_kernel_params,
+    draw_sinc_params,
+    kernels_from_params,
+)
 from bir.degradations.noise import (
     BT601_LUMA,
     POISSON_LEVELS,
@@ -39,15 +44,6 @@ from bir.degradations.noise import (
 )
 from bir.degradations.resize import RESIZE_MODES, resize, resize_by_factor
 from bir.random import choice, uniform
-
-REAL_ESRGAN_KERNELS = (
-    "iso",
-    "aniso",
-    "generalized_iso",
-    "generalized_aniso",
-    "plateau_iso",
-    "plateau_aniso",
-)
 
 
 @dataclass
@@ -151,6 +147,42 @@ def _draw_resize_scale(
     return 1.0
 
 
+def _stage_settings(
+    blur_prob: float,
+    kernel_list: Sequence[str],
+    kernel_prob: Sequence[float],
+    sinc_prob: float,
+    sigma: Sequence[float],
+    betag: Sequence[float],
+    betap: Sequence[float],
+    resize_prob: Sequence[float],
+    resize_range: Sequence[float],
+    gaussian_noise_prob: float,
+    noise_range: Sequence[float],
+    poisson_scale_range: Sequence[float],
+    gray_noise_prob: float,
+    jpeg_range: Sequence[float],
+) -> dict:
+    """One stage's draw settings of :class:`SecondOrderDegradation`, in the order of its
+    arguments; config sequences become plain lists and tuples."""
+    return dict(
+        blur_prob=blur_prob,
+        kernel_list=list(kernel_list),
+        kernel_prob=list(kernel_prob),
+        sinc_prob=sinc_prob,
+        sigma=tuple(sigma),
+        betag=tuple(betag),
+        betap=tuple(betap),
+        resize_prob=list(resize_prob),
+        resize_range=tuple(resize_range),
+        gaussian_noise_prob=gaussian_noise_prob,
+        noise_range=tuple(noise_range),
+        poisson_scale_range=tuple(poisson_scale_range),
+        gray_noise_prob=gray_noise_prob,
+        jpeg_range=tuple(jpeg_range),
+    )
+
+
 class SecondOrderDegradation(nn.Module):
     """Real-ESRGAN's high-order degradation model with DiffBIR's settings (Wang et al. 2021, Sec. 3).
 
@@ -247,38 +279,16 @@ class SecondOrderDegradation(nn.Module):
         self.kernel_sizes, self.kernel_pad_to = list(kernel_sizes), kernel_pad_to
         self.resize_modes = list(resize_modes)
         self.final_sinc_prob, self.final_sinc_cutoff = final_sinc_prob, tuple(final_sinc_cutoff)
-        self.stages = [
-            dict(
-                blur_prob=1.0,
-                kernel_list=list(kernel_list),
-                kernel_prob=list(kernel_prob),
-                sinc_prob=sinc_prob,
-                sigma=tuple(blur_sigma),
-                betag=tuple(betag_range),
-                betap=tuple(betap_range),
-                resize_prob=list(resize_prob),
-                resize_range=tuple(resize_range),
-                gaussian_noise_prob=gaussian_noise_prob,
-                noise_range=tuple(noise_range),
-                poisson_scale_range=tuple(poisson_scale_range),
-                gray_noise_prob=gray_noise_prob,
-                jpeg_range=tuple(jpeg_range),
+        self.stages = [  # the arguments above, stage by stage
+            _stage_settings(
+                *(1.0, kernel_list, kernel_prob, sinc_prob, blur_sigma, betag_range, betap_range),
+                *(resize_prob, resize_range, gaussian_noise_prob, noise_range),
+                *(poisson_scale_range, gray_noise_prob, jpeg_range),
             ),
-            dict(
-                blur_prob=second_blur_prob,
-                kernel_list=list(kernel_list2),
-                kernel_prob=list(kernel_prob2),
-                sinc_prob=sinc_prob2,
-                sigma=tuple(blur_sigma2),
-                betag=tuple(betag_range2),
-                betap=tuple(betap_range2),
-                resize_prob=list(resize_prob2),
-                resize_range=tuple(resize_range2),
-                gaussian_noise_prob=gaussian_noise_prob2,
-                noise_range=tuple(noise_range2),
-                poisson_scale_range=tuple(poisson_scale_range2),
-                gray_noise_prob=gray_noise_prob2,
-                jpeg_range=tuple(jpeg_range2),
+            _stage_settings(
+                *(second_blur_prob, kernel_list2, kernel_prob2, sinc_prob2, blur_sigma2),
+                *(betag_range2, betap_range2, resize_prob2, resize_range2, gaussian_noise_prob2),
+                *(noise_range2, poisson_scale_range2, gray_noise_prob2, jpeg_range2),
             ),
         ]
         self.jpeg = DiffJPEG(differentiable=False, convention=jpeg_convention, padding=jpeg_padding)

@@ -22,13 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
-    """Isotropic Gaussian PSF of odd ``size``, normalised to sum 1."""
-    r = np.arange(size) - size // 2
-    g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
-    return g / g.sum()
-
+from bir.operators.blur import convolve_per_image, gaussian_kernel
 
 KINDS = (
     "identity",
@@ -79,14 +73,12 @@ def blind_richardson_lucy(
         raise ValueError(
             f"blind Richardson-Lucy needs a square kernel of odd size, got {tuple(kernel.shape)}"
         )
-    c, p = y.shape[0], size // 2
     y = y.detach().double().clamp_min(0)[None]
     k = (kernel.double() / kernel.sum()).clamp_min(0)
     x = y.clone().clamp_min(eps)
 
     def blur(img: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
-        padded = F.pad(img, (p, p, p, p), mode="reflect")
-        return F.conv2d(padded, kern.expand(c, 1, size, size), groups=c)
+        return convolve_per_image(img, kern[None, None], "reflect", correlate=True)
 
     def rl_factor(wrt: int) -> torch.Tensor:
         """A^T r / A^T 1 in the image (wrt 0) or the kernel (wrt 1)."""
@@ -139,7 +131,7 @@ class ClassicalBaseline(pl.LightningModule):
         self.psf = (
             np.asarray(kernel, dtype=np.float64)
             if kernel is not None
-            else gaussian_kernel(kernel_size, kernel_sigma)
+            else gaussian_kernel(kernel_size, kernel_sigma, dtype=torch.float64).numpy()
         )
         self.psf = self.psf / self.psf.sum()
         self.balance, self.num_iter, self.tv_weight = balance, num_iter, tv_weight

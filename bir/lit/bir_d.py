@@ -56,6 +56,7 @@ from bir.diffusion.schedules import DiffusionSchedule, space_timesteps
 from bir.lit.patches import PatchedOutput, PatchGridModel
 from bir.operators.base import Operator
 from bir.random import randn, sample_generators
+from bir.tiling import fold
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,8 @@ class OperatorGuidance:
                 )
             loss_patches = torch.stack(losses, 1)  # [B, N]
             tile_grad, grads = self._gradients(loss_patches, wrt, params)
-        grad = self._fold(tile_grad, positions, h, w)
-        coverage = self._fold(tiles.new_ones(n, 1, p, p), positions, h, w, average=False)
+        grad = fold(tile_grad, positions, h, w)
+        coverage = fold(tiles.new_ones(n, 1, p, p), positions, h, w, average=False)
         averaged = []
         for param, g in zip(params, grads):
             if g is None:
@@ -253,20 +254,6 @@ class OperatorGuidance:
             else:  # a kernel or a factor: mean over all patches
                 averaged.append(g / n)
         return loss_patches.mean(1), grad, averaged
-
-    @staticmethod
-    def _fold(
-        tiles: Tensor, positions: list[tuple[int, int]], h: int, w: int, average: bool = True
-    ) -> Tensor:
-        """Sum (or average) tiles ``[B * N or 1, C, p, p]`` into ``[B or 1, C, h, w]``."""
-        n, p = len(positions), tiles.shape[-1]
-        per_image = tiles.reshape(-1, n, *tiles.shape[1:])
-        total = tiles.new_zeros(per_image.shape[0], tiles.shape[1], h, w)
-        count = tiles.new_zeros(1, 1, h, w)
-        for k, (top, left) in enumerate(positions):
-            total[..., top : top + p, left : left + p] += per_image[:, k]
-            count[..., top : top + p, left : left + p] += 1
-        return total / count if average else total
 
     def _gradients(
         self, loss: Tensor, wrt: Tensor, params: list[Tensor]

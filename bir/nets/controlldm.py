@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from bir.nets.checkpoints import (
 from bir.nets.clip import CLIP_PREFIXES, OpenCLIPTextEncoder
 from bir.nets.controlnet import ControlNet, set_gradient_checkpointing
 from bir.nets.unet import UNetModel
-from bir.nets.vae import tiled_map
+from bir.tiling import tiled_apply
 
 Tensor = torch.Tensor
 
@@ -205,7 +206,7 @@ class ControlLDM(nn.Module):
         x = image * 2 - 1
         if tile is not None and max(x.shape[-2:]) > tile:
             f = self.vae.downsample_factor
-            moments = tiled_map(self.cond_encoder, x, tile, tile_overlap, 1, f)
+            moments = tiled_apply(self.cond_encoder, x, tile, tile_overlap, Fraction(1, f), "ramp")
         else:
             moments = self.cond_encoder(x)
         return moments[:, : moments.shape[1] // 2] * self.scale_factor  # posterior mean = mode

@@ -9,7 +9,8 @@ multiplied by :attr:`AutoencoderKL.scale_factor` (0.18215) by the caller before 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from bir.nets.attention import SpatialSelfAttention
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.nets.ddpm_unet import Downsample, ResnetBlock, Upsample, group_norm
 from bir.random import randn
+from bir.tiling import tiled_apply
 
 SD_VAE_URL = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"
 
@@ -175,82 +177,6 @@ class DiagonalGaussianDistribution:
         return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
-def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Tile origins covering ``[0, size)``; the last tile is flush with the end."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, stride))
-    return [*starts, size - tile]
-
-
-def _blend_ramp(length: int, ramp: int, at_start: bool, at_end: bool) -> torch.Tensor:
-    """1-D weights: linear ramp of ``ramp`` samples on interior edges, 1 elsewhere (never 0)."""
-    w = torch.ones(length)
-    if ramp > 0:
-        up = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
-        if not at_start:
-            w[:ramp] = torch.minimum(w[:ramp], up)
-        if not at_end:
-            w[-ramp:] = torch.minimum(w[-ramp:], up.flip(0))
-    return w
-
-
-def tiled_map(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    tile: int,
-    overlap: int,
-    scale_num: int = 1,
-    scale_den: int = 1,
-) -> torch.Tensor:
-    """Apply ``fn`` to overlapping tiles of ``x`` and blend the outputs linearly.
-
-    ``fn`` maps ``[B, C, h, w]`` to ``[B, C', h * s, w * s]`` with ``s = scale_num / scale_den``
-    (1/8 for a VAE encoder, 8 for a decoder). Tiles are ``tile`` input pixels wide and overlap by
-    ``overlap``; in the overlaps each output pixel is a weighted mean with weights ramping linearly
-    from the tile border, so seams fade instead of jumping. Image edges get full weight.
-
-    Args:
-        x: ``[B, C, H, W]``; ``H``, ``W``, ``tile`` and ``overlap`` multiples of ``scale_den``.
-    """
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap {overlap} must be in [0, tile={tile})")
-    for name, v in (
-        ("tile", tile),
-        ("overlap", overlap),
-        ("height", x.shape[-2]),
-        ("width", x.shape[-1]),
-    ):
-        if v % scale_den:
-            raise ValueError(f"{name} {v} must be a multiple of {scale_den}")
-    b, _, height, width = x.shape
-    stride = tile - overlap
-    ys, xs = _tile_starts(height, tile, stride), _tile_starts(width, tile, stride)
-    if len(ys) == 1 and len(xs) == 1:
-        return fn(x)
-
-    def out_len(n: int) -> int:
-        return n * scale_num // scale_den
-
-    ramp = out_len(overlap)
-    out: torch.Tensor | None = None
-    weight = torch.zeros(1, 1, out_len(height), out_len(width), device=x.device, dtype=x.dtype)
-    for y0 in ys:
-        for x0 in xs:
-            th, tw = min(tile, height), min(tile, width)
-            piece = fn(x[:, :, y0 : y0 + th, x0 : x0 + tw])
-            wy = _blend_ramp(out_len(th), ramp, y0 == 0, y0 + th == height)
-            wx = _blend_ramp(out_len(tw), ramp, x0 == 0, x0 + tw == width)
-            w = (wy[:, None] * wx[None, :]).to(x.device, x.dtype)[None, None]
-            if out is None:
-                out = piece.new_zeros(b, piece.shape[1], out_len(height), out_len(width))
-            oy, ox = out_len(y0), out_len(x0)
-            out[:, :, oy : oy + piece.shape[-2], ox : ox + piece.shape[-1]] += piece * w
-            weight[:, :, oy : oy + piece.shape[-2], ox : ox + piece.shape[-1]] += w
-    assert out is not None
-    return out / weight
-
-
 class AutoencoderKL(nn.Module):
     """ldm ``AutoencoderKL`` (inference part: no loss, no discriminator).
 
@@ -310,12 +236,13 @@ class AutoencoderKL(nn.Module):
         (GroupNorm statistics are per tile), the usual approximation of tiled VAEs.
         """
         f = self.downsample_factor
-        return DiagonalGaussianDistribution(tiled_map(self._moments, x, tile_size, overlap, 1, f))
+        moments = tiled_apply(self._moments, x, tile_size, overlap, Fraction(1, f), weight="ramp")
+        return DiagonalGaussianDistribution(moments)
 
     def decode_tiled(self, z: torch.Tensor, tile_size: int = 64, overlap: int = 8) -> torch.Tensor:
         """:meth:`decode` over overlapping ``tile_size`` latent tiles, blended linearly."""
         f = self.downsample_factor
-        return tiled_map(self.decode, z, tile_size, overlap, f, 1)
+        return tiled_apply(self.decode, z, tile_size, overlap, f, weight="ramp")
 
 
 def load_vae(

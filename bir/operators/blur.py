@@ -32,20 +32,35 @@ from torch import nn
 from bir.operators.base import Operator, Shape, batch_size_of
 
 #: torch ``F.pad`` modes by the names used in configs; ``zeros_signed`` pads with zeros on the
-#: [-1, 1] scale (the released BIRD code's ``conv2d(padding="same")``; see the module docstring)
+#: [-1, 1] scale (the released BIRD code's ``conv2d(padding="same")``; see the module docstring);
+#: ``valid`` does not pad (the output is ``k - 1`` pixels smaller, GDP's deblurring blur)
 PADDING_MODES = {
     "reflect": "reflect",
     "circular": "circular",
     "zeros": "constant",
     "zeros_signed": "constant",
+    "valid": None,
 }
+#: the paddings that keep the image size (the blur operators of this module)
+SAME_SIZE_PADDINGS = ("reflect", "circular", "zeros", "zeros_signed")
+
+
+def check_padding(padding: str, allowed: Sequence[str] = SAME_SIZE_PADDINGS) -> None:
+    """ValueError naming the choices unless ``padding`` is one of ``allowed``."""
+    if padding not in allowed:
+        raise ValueError(f"padding must be one of {list(allowed)}, got {padding!r}")
 
 
 def gaussian_kernel(size: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Isotropic Gaussian kernel ``[size, size]`` (odd size), normalised to sum 1."""
+    """Isotropic Gaussian ``[size, size]`` sampled at the taps around the centre ``(size - 1) / 2``,
+    normalised to sum 1: the outer product of the normalised 1-D profile ``exp(-r^2 / (2
+    sigma^2))`` (OpenCV's ``getGaussianKernel`` squared, as SSIM's window and BasicSR's USM).
+    Computed in float64, returned in ``dtype`` (numpy callers: ``dtype=torch.float64`` and
+    ``.numpy()``)."""
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
-    return (g / g.sum()).to(dtype)
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g).to(dtype)
 
 
 def convolve_per_image(
@@ -57,20 +72,20 @@ def convolve_per_image(
     ``sum_{u, v} k[u, v] x[i + u - r, j + v - r]`` when ``correlate`` (``F.conv2d``).
 
     Args:
-        x: ``[B, C, H, W]`` in [0, 1].
+        x: ``[B, C, H, W]`` (in [0, 1] for ``zeros_signed``).
         kernel: ``[B or 1, c, k, k]`` with ``c`` 1 (shared by channels) or ``C`` (depthwise);
             odd ``k``.
         padding: ``reflect`` (mirror without repeating the edge, torch's ``reflect``),
-            ``circular``, ``zeros`` (black) or ``zeros_signed`` (zeros on the [-1, 1] scale:
+            ``circular``, ``zeros`` (black), ``zeros_signed`` (zeros on the [-1, 1] scale:
             the result is ``(k * pad_0(2x - 1) + 1) / 2``, the released BIRD code's
-            ``conv2d(padding="same")`` on [-1, 1] images seen on [0, 1]).
+            ``conv2d(padding="same")`` on [-1, 1] images seen on [0, 1]) or ``valid`` (no
+            padding: ``[B, C, H - k + 1, W - k + 1]``).
         correlate: cross-correlate (the kernel is not flipped), as ``F.conv2d``.
     Returns:
-        ``[B, C, H, W]``, differentiable w.r.t. ``x`` and ``kernel``.
+        ``[B, C, H, W]`` (smaller for ``valid``), differentiable w.r.t. ``x`` and ``kernel``.
     """
-    if padding not in PADDING_MODES:
-        raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
-    b, c, h, w = x.shape
+    check_padding(padding, tuple(PADDING_MODES))
+    b, c = x.shape[:2]
     k = kernel.shape[-1]
     if k % 2 != 1 or kernel.shape[-2] != k:
         raise ValueError(f"kernel must be square with odd size, got {tuple(kernel.shape)}")
@@ -78,12 +93,13 @@ def convolve_per_image(
     signed = padding == "zeros_signed"
     if signed:
         x = 2 * x - 1
-    p = k // 2
-    x = F.pad(x, (p, p, p, p), mode=PADDING_MODES[padding])
+    if PADDING_MODES[padding] is not None:
+        p = k // 2
+        x = F.pad(x, (p, p, p, p), mode=PADDING_MODES[padding])
     # one group per (image, channel); conv2d correlates, so flip for a convolution
     weight = (kernel if correlate else kernel.flip(-1, -2)).reshape(b * c, 1, k, k)
-    out = F.conv2d(x.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c)
-    out = out.reshape(b, c, h, w)
+    out = F.conv2d(x.reshape(1, b * c, *x.shape[-2:]), weight, groups=b * c)
+    out = out.reshape(b, c, *out.shape[-2:])
     return (out + 1) / 2 if signed else out
 
 
@@ -122,8 +138,7 @@ class FixedKernelBlur(Operator):
         correlate: bool = False,
     ):
         super().__init__()
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
+        check_padding(padding)
         k = gaussian_kernel(kernel_size, sigma) if kernel is None else kernel
         self.register_buffer("kernel", _as_kernel(k))
         self.padding, self.correlate = padding, correlate
@@ -170,8 +185,7 @@ class LearnableKernelBlur(Operator):
         super().__init__()
         if init not in ("delta", "uniform", "gaussian"):
             raise ValueError(f"init must be delta, uniform or gaussian, got {init!r}")
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
+        check_padding(padding)
         self.kernel_size, self.channels, self.init = kernel_size, channels, init
         self.init_sigma, self.init_floor, self.padding = init_sigma, init_floor, padding
         self.correlate = correlate
@@ -247,8 +261,7 @@ class KernelMLPBlur(Operator):
         super().__init__()
         if latent_init not in ("uniform", "normal"):
             raise ValueError(f"latent_init must be uniform or normal, got {latent_init!r}")
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
+        check_padding(padding)
         self.kernel_size, self.latent_dim, self.hidden = kernel_size, latent_dim, hidden
         self.channels, self.latent_init = channels, latent_init
         self.latent_scale, self.padding, self.correlate = latent_scale, padding, correlate

@@ -18,21 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bir.operators.base import Operator, Shape, additive_mask, batch_size_of, draw_uniform
+from bir.operators.blur import check_padding, convolve_per_image, gaussian_kernel
 
-#: torch ``F.pad`` modes by the names used in configs; ``valid`` does not pad (output shrinks)
-PADDING_MODES = {"reflect": "reflect", "circular": "circular", "zeros": "constant", "valid": None}
+#: the paddings of :func:`bir.operators.blur.convolve_per_image` this operator takes (not
+#: ``zeros_signed``: the kernel need not sum to 1, so a grey frame is not a zero frame here)
+PADDINGS = ("zeros", "reflect", "circular", "valid")
 INITS = ("gkern", "gaussian", "delta", "rand")
-
-
-def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
-    """Isotropic Gaussian ``[size, size]`` (odd size) sampled at the taps, sums to 1."""
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
-    return (g / g.sum()).float()
 
 
 def gkern(size: int, nsig: float) -> torch.Tensor:
@@ -48,34 +42,6 @@ def gkern(size: int, nsig: float) -> torch.Tensor:
     profile = torch.diff(torch.special.ndtr(edges))
     raw = torch.sqrt(torch.outer(profile, profile))
     return (raw / raw.sum()).float()
-
-
-def depthwise_convolve(
-    x: torch.Tensor, kernel: torch.Tensor, padding: str = "zeros", correlate: bool = True
-) -> torch.Tensor:
-    """Filter image ``b``, channel ``c`` with ``kernel[b, c]``.
-
-    Args:
-        x: ``[B, C, H, W]``.
-        kernel: ``[B or 1, C, k, k]`` (odd k).
-        padding: ``zeros`` | ``reflect`` | ``circular`` (output the size of the input) or
-            ``valid`` (no padding: ``[B, C, H - k + 1, W - k + 1]``, GDP's deblurring blur).
-        correlate: cross-correlate (``nn.Conv2d``, the released code) or flip the kernel for a
-            true convolution.
-    Returns:
-        the filtered batch, differentiable w.r.t. both inputs.
-    """
-    b, c = x.shape[:2]
-    k = kernel.shape[-1]
-    if PADDING_MODES[padding] is not None:
-        p = k // 2
-        x = F.pad(x, (p, p, p, p), mode=PADDING_MODES[padding])
-    weight = kernel.to(x.dtype).expand(b, c, k, k)
-    if not correlate:
-        weight = weight.flip(-1, -2)
-    h, w = x.shape[-2:]
-    out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * c, 1, k, k), groups=b * c)
-    return out.reshape(b, c, *out.shape[-2:])
 
 
 class KernelMaskOperator(Operator):
@@ -123,8 +89,7 @@ class KernelMaskOperator(Operator):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        if padding not in PADDING_MODES:
-            raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
+        check_padding(padding, PADDINGS)
         if init not in INITS:
             raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
         given = None
@@ -189,13 +154,13 @@ class KernelMaskOperator(Operator):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` in [0, 1] -> ``K * x (+ M)`` (not clamped)."""
-        y = depthwise_convolve(x, self.kernel, self.padding, self.correlate)
+        y = convolve_per_image(x, self.kernel, self.padding, self.correlate)
         if self.use_mask:
             y = y + self._mask_like(y).to(x.dtype)
         return y
 
     def forward_window(self, x: torch.Tensor, top: int, left: int) -> torch.Tensor:
-        y = depthwise_convolve(x, self.kernel, self.padding, self.correlate)
+        y = convolve_per_image(x, self.kernel, self.padding, self.correlate)
         if self.use_mask:
             h, w = y.shape[-2:]
             y = y + self._mask_like(None)[..., top : top + h, left : left + w].to(x.dtype)

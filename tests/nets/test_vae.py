@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bir.nets.checkpoints import CheckpointMismatchError
-from bir.nets.vae import AutoencoderKL, DiagonalGaussianDistribution, load_vae, tiled_map
+from bir.nets.vae import AutoencoderKL, DiagonalGaussianDistribution, load_vae
 from bir.random import sample_generators
+from bir.tiling import tiled_apply
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
 
@@ -102,18 +104,17 @@ def test_full_sd_checkpoint_round_trip_and_mismatch(tmp_path):
         load_vae(build("vae_tiny"), tmp_path / "broken.ckpt")
 
 
-def test_tiled_map_is_exact_for_local_functions():
+def test_vae_tiling_is_exact_for_local_functions():
     # A function whose output pixel depends only on its own input block (like an ideal
-    # encoder/decoder) must be reproduced exactly by tiling, whatever the blending weights.
+    # encoder/decoder) must be reproduced exactly by tiling with the VAE's ramp weights.
     x = torch.randn(2, 3, 40, 56)
-    down = tiled_map(lambda t: F.avg_pool2d(t, 4) * 2.0, x, tile=16, overlap=8, scale_den=4)
+    quarter = Fraction(1, 4)
+    down = tiled_apply(lambda t: F.avg_pool2d(t, 4) * 2.0, x, 16, 8, quarter, weight="ramp")
     torch.testing.assert_close(down, F.avg_pool2d(x, 4) * 2.0)
-    up = tiled_map(
-        lambda t: F.interpolate(t, scale_factor=4) - 1, x, tile=16, overlap=4, scale_num=4
-    )
+    up = tiled_apply(lambda t: F.interpolate(t, scale_factor=4) - 1, x, 16, 4, 4, weight="ramp")
     torch.testing.assert_close(up, F.interpolate(x, scale_factor=4) - 1)
     with pytest.raises(ValueError, match="multiple of 4"):
-        tiled_map(lambda t: t, x, tile=18, overlap=8, scale_den=4)
+        tiled_apply(lambda t: t, x, 18, 8, quarter, weight="ramp")
 
 
 def test_vae_tiled_agrees_with_untiled():
@@ -127,7 +128,7 @@ def test_vae_tiled_agrees_with_untiled():
         # fits one tile: identical
         torch.testing.assert_close(vae.encode_tiled(x, tile_size=32, overlap=16).mean, ref.mean)
         # two overlapping tiles per side: close, not equal (GroupNorm statistics are per tile;
-        # the exact blending arithmetic is checked in test_tiled_map_is_exact_for_local_functions)
+        # the exact blending arithmetic is checked in test_vae_tiling_is_exact_for_local_functions)
         tiled = vae.encode_tiled(x, tile_size=24, overlap=8).mean
         assert tiled.shape == ref.mean.shape
         rel = (tiled - ref.mean).norm() / ref.mean.norm()

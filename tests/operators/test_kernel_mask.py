@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from bir.operators.kernel_mask import KernelMaskOperator, depthwise_convolve, gaussian_kernel, gkern
+from bir.operators.blur import convolve_per_image, gaussian_kernel
+from bir.operators.kernel_mask import KernelMaskOperator, gkern
 from bir.random import sample_generators
 
 
@@ -66,6 +67,9 @@ def test_valid_padding_shrinks_and_maps_sizes():
     assert op.input_size((24, 24)) == (32, 32)
     ref = F.conv2d(x, gkern(9, 2.0).expand(3, 1, 9, 9), groups=3)  # GDP's GaussianBlur
     assert torch.allclose(y, ref, atol=1e-6)
+    # a grey frame is not a zero frame for a kernel that need not sum to 1
+    with pytest.raises(ValueError, match="padding must be one of"):
+        KernelMaskOperator(padding="zeros_signed")
 
 
 def test_rand_init_and_masks_do_not_depend_on_the_batch():
@@ -91,7 +95,7 @@ def test_gradient_descent_on_the_kernel_reduces_the_loss():
     g = torch.Generator().manual_seed(2)
     x = torch.rand(1, 3, 24, 24, generator=g)
     true_kernel = gaussian_kernel(9, 1.0).expand(1, 3, 9, 9)
-    y = depthwise_convolve(x, true_kernel)
+    y = convolve_per_image(x, true_kernel, "zeros", correlate=True)
     op = KernelMaskOperator(kernel_size=9, use_mask=False, kernel_lr=0.03)
     op.init_batch((1, 3, 24, 24))
     losses = []
@@ -125,7 +129,7 @@ def test_forward_window_slices_the_mask():
     op = KernelMaskOperator(kernel_size=3, mask_init_scale=1.0)
     op.init_batch((1, 3, 8, 8), sample_generators(0, [0]))
     x = torch.rand(1, 3, 4, 4)
-    expected = depthwise_convolve(x, op.kernel, "zeros") + op.mask[..., 2:6, 4:8]
+    expected = convolve_per_image(x, op.kernel, "zeros", correlate=True) + op.mask[..., 2:6, 4:8]
     assert torch.allclose(op.forward_window(x, 2, 4), expected)
     with pytest.raises(ValueError, match="init_batch"):
         op(torch.rand(1, 3, 6, 6))

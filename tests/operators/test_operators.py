@@ -20,6 +20,7 @@ from bir.operators import (
     KernelMLPBlur,
     LearnableKernelBlur,
     convolve_per_image,
+    gaussian_kernel,
 )
 from bir.operators.synthetic import degrade, motion_kernel
 
@@ -48,6 +49,21 @@ def test_depthwise_blur_uses_one_kernel_per_channel():
     for c in range(3):
         ref = ndimage.convolve(x[0, c].numpy(), kernel[0, c].numpy(), mode="wrap")
         np.testing.assert_allclose(y[0, c].numpy(), ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,sigma", [(7, 1.5), (11, 1.5), (9, 2.0), (51, 8.3)])
+def test_gaussian_kernel_equals_its_former_copies_and_opencv(size, sigma):
+    k = gaussian_kernel(size, sigma, dtype=torch.float64).numpy()
+    # the 2-D formula the blur, kernel-mask and baseline copies used (normalised as a whole)
+    r = np.arange(size) - size // 2
+    two_d = np.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * sigma**2))
+    np.testing.assert_allclose(k, two_d / two_d.sum(), rtol=1e-12, atol=0)
+    # USM's and SSIM's: OpenCV's 1-D profile, squared
+    cv2 = pytest.importorskip("cv2")
+    profile = cv2.getGaussianKernel(size, sigma, ktype=cv2.CV_64F)
+    np.testing.assert_allclose(k, profile @ profile.T, rtol=1e-12, atol=0)
+    single = gaussian_kernel(size, sigma)
+    assert single.dtype == torch.float32 and torch.equal(single, torch.from_numpy(k).float())
 
 
 def test_fixed_gaussian_blur_kernel_and_estimate():
