@@ -101,7 +101,7 @@ def _ramp_axis(length: int, ramp: int, at_start: bool, at_end: bool) -> torch.Te
     return w
 
 
-class TileCanvas:
+class _Canvas:
     """Tiles accumulated onto a ``[batch, channels, height, width]`` canvas with their weights.
 
     ``add`` places a (weighted) tile, :meth:`mean` is the weighted mean per pixel and ``total``
@@ -157,7 +157,7 @@ def fold(
     if tiles.shape[0] % n:
         raise ValueError(f"{tiles.shape[0]} tiles is not a multiple of {n} tiles per image")
     per_image = tiles.reshape(-1, n, *tiles.shape[1:])
-    canvas = TileCanvas(
+    canvas = _Canvas(
         per_image.shape[0], tiles.shape[1], height, width, dtype or tiles.dtype, tiles.device
     )
     for k, (top, left) in enumerate(positions):
@@ -219,13 +219,13 @@ def tiled_apply(
     positions = tile_grid(h, w, tile, overlap)
     if len(positions) == 1:
         return apply(x)
-    canvas: TileCanvas | None = None
+    canvas: _Canvas | None = None
     weights: dict[tuple[int, ...], torch.Tensor] = {}
     for top, left in positions:
         y = apply(x[:, :, top : top + th, left : left + tw])
         if canvas is None:  # accumulate in float32 even for half-precision outputs
             acc = torch.promote_types(y.dtype, torch.float32)
-            canvas = TileCanvas(b, y.shape[1], out_len(h), out_len(w), acc, y.device)
+            canvas = _Canvas(b, y.shape[1], out_len(h), out_len(w), acc, y.device)
         edges = (top == 0, top + th == h, left == 0, left + tw == w)
         key = (*y.shape[-2:], *edges) if weight == "ramp" else tuple(y.shape[-2:])
         if key not in weights:
@@ -238,7 +238,6 @@ def tiled_apply(
 
 __all__ = [
     "WEIGHTS",
-    "TileCanvas",
     "blend_weights",
     "fold",
     "num_tiles",
