@@ -61,14 +61,33 @@ QUICKSTART_ROOT = Path("outputs/quickstart")
 
 @dataclass
 class Task:
-    """A degradation with known truth; ``op_spec`` as :func:`bir.operators.synthetic.degrade`."""
+    """A degradation with known truth: ``y = A(x) + sigma n``, ``A`` the operator of
+    ``conf/operator/<operator>.yaml`` with the fields in ``overrides`` (:func:`known_operator`)."""
 
     name: str
-    op_spec: dict
+    operator: str
+    overrides: dict
     sigma: float
-    blind: bool = False  # methods must estimate the operator (kernel) themselves
-    lowlight_factor: float | None = None
+    blind: bool = False  # methods must estimate the operator (kernel, factor) themselves
     baselines: list[str] = field(default_factory=list)
+
+
+def known_operator(name: str, overrides: dict | None = None):
+    """The operator of ``conf/operator/<name>.yaml`` with ``overrides`` (fields of that file),
+    not yet initialised (its random parts are drawn by ``init_batch``)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    path = CONF / "operator" / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise UsageError(f"operator {name!r}: no {path}; choose one of {names}")
+    cfg = OmegaConf.load(path)
+    unknown = sorted(set(overrides or {}) - set(cfg))
+    if unknown:
+        fields = ", ".join(k for k in cfg if k != "_target_")
+        raise UsageError(f"operator {name}: no field {', '.join(unknown)}; its fields: {fields}")
+    return hydra.utils.instantiate(OmegaConf.merge(cfg, overrides or {}))
 
 
 #: The border of every blur in the benchmark: of the observation y *and* of the blur model every
@@ -81,42 +100,47 @@ DECONV = ["wiener", "richardson_lucy"]
 
 def tasks(kernel_size: int) -> list[Task]:
     k, pad = kernel_size, BLUR_PADDING
-    gauss = {"kind": "gaussian_blur", "kernel_size": k, "blur_sigma": 1.6, "padding": pad}
-    motion = {"kind": "motion_blur", "kernel_size": k, "intensity": 0.5, "padding": pad}
+    gauss = {"kernel_size": k, "sigma": 1.6, "padding": pad}
+    motion = {"kernel_size": k, "intensity": 0.5, "padding": pad}
+    dark = {"factor_init_mean": 0.25, "factor_init_std": 0.0, "use_mask": False}  # y = x / 4
     return [
-        Task("deblur_known", gauss, 0.01, baselines=[*DECONV, "swinir"]),
+        Task("deblur_known", "gaussian_blur_known", gauss, 0.01, baselines=[*DECONV, "swinir"]),
         Task(
             "deblur_blind",
+            "gaussian_blur_known",
             gauss,
             0.01,
             blind=True,
             baselines=["blind_richardson_lucy", *DECONV, "swinir"],
         ),
         Task(
-            "motion_deblur", motion, 0.01, blind=True, baselines=["blind_richardson_lucy", *DECONV]
+            "motion_deblur",
+            "motion_blur_known",
+            motion,
+            0.01,
+            blind=True,
+            baselines=["blind_richardson_lucy", *DECONV],
         ),
-        Task("sr_x4", {"kind": "bicubic", "scale": 4}, 0.0, baselines=["bicubic"]),
-        Task("denoise", {"kind": "identity"}, 25 / 255, baselines=["tv", "swinir"]),
+        Task("sr_x4", "sr_bicubic_x4", {}, 0.0, baselines=["bicubic"]),
+        Task("denoise", "denoise", {}, 25 / 255, baselines=["tv", "swinir"]),
         Task(
             "inpaint_25",
-            {"kind": "inpaint", "mask_kind": "random", "keep_ratio": 0.75},
+            "inpaint",
+            {"kind": "random", "keep_ratio": 0.75},
             0.0,
             baselines=["biharmonic"],
         ),
-        Task("lowlight", {"kind": "identity"}, 0.01, lowlight_factor=0.25, baselines=["gain"]),
+        Task("lowlight", "lowlight", dark, 0.01, blind=True, baselines=["gain"]),
     ]
 
 
 def observe(task: Task, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
-    """Degraded observation and the truth (operator, kernel or mask) for a batch of clean images."""
-    from bir.operators.synthetic import degrade
+    """Degraded observation and the truth (operator, kernel, mask or factor) for a batch of clean
+    images (:func:`bir.operators.synthetic.observe`)."""
+    from bir.operators.synthetic import observe as synthesize
 
     gens = sample_generators(seed, range(x.shape[0]), stream=7)
-    if task.lowlight_factor is not None:
-        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
-        y = (task.lowlight_factor * x + task.sigma * noise).clamp(0, 1)
-        return y, {"factor": task.lowlight_factor}
-    return degrade(x, task.op_spec, task.sigma, gens)
+    return synthesize(x, known_operator(task.operator, task.overrides), task.sigma, gens)
 
 
 # ------------------------------------------------------------------------------------------
@@ -149,7 +173,7 @@ def run_baseline(kind: str, task: Task, y: torch.Tensor, truth: dict, swinir=Non
         with torch.no_grad():
             return swinir.restore(y)
     if kind == "bicubic":
-        return ClassicalBaseline("bicubic", scale=task.op_spec["scale"]).restore(y)
+        return ClassicalBaseline("bicubic", scale=truth["operator"].scale).restore(y)
     if kind in DECONV:
         outs = []
         for i in range(y.shape[0]):
@@ -159,8 +183,7 @@ def run_baseline(kind: str, task: Task, y: torch.Tensor, truth: dict, swinir=Non
         return torch.cat(outs)
     if kind == "blind_richardson_lucy":
         # the support the learnable kernels of the methods get, from the same Gaussian start
-        size = task.op_spec["kernel_size"]
-        init = gaussian_kernel(size, 1.0, dtype=torch.float64)
+        init = gaussian_kernel(truth["kernel"].shape[-1], 1.0, dtype=torch.float64)
         return ClassicalBaseline(kind, kernel=init, num_iter=BLIND_RL_ITERATIONS).restore(y)
     if kind == "tv":
         return ClassicalBaseline("tv", tv_weight=None).restore(y)
@@ -188,21 +211,33 @@ def compose_method(method: str, overrides: list[str], experiment: str | None = N
 
 
 def method_operator(method: str, task: Task, truth: dict, kernel_size: int):
-    """The forward model a method uses: the true operator when the task is non-blind, a learnable
-    one (BIRD: kernel MLP; BIR-D/GDP: kernel + mask; low-light: factor + mask) when it is blind,
-    with the border the observation was blurred with."""
-    from bir.operators import KernelMaskOperator, KernelMLPBlur, LowLightOperator
+    """The forward model a method uses: the true operator when the task is non-blind (its random
+    truth, a mask or a motion kernel, held fixed: a method's ``init_batch`` would draw another), a
+    learnable one of the same kind when it is blind (a blur: BIRD's kernel MLP, BIR-D/GDP's
+    kernel + mask, with the border the observation was blurred with; low-light: factor + mask)."""
+    from bir.operators import (
+        FixedKernelBlur,
+        InpaintMask,
+        KernelMaskOperator,
+        KernelMLPBlur,
+        LowLightOperator,
+        MotionBlur,
+    )
 
-    if task.lowlight_factor is not None:
+    true_op = truth["operator"]
+    if not task.blind:
+        if isinstance(true_op, InpaintMask):
+            return InpaintMask(mask=truth["mask"])
+        if isinstance(true_op, MotionBlur):  # truth["kernel"] is the PSF: convolve
+            return FixedKernelBlur(truth["kernel"], padding=true_op.padding)
+        return true_op
+    if isinstance(true_op, LowLightOperator):
         return LowLightOperator()
-    if task.blind:
-        padding = task.op_spec["padding"]
-        if method == "bird":
-            return KernelMLPBlur(kernel_size=kernel_size, padding=padding)
-        return KernelMaskOperator(
-            kernel_size=kernel_size, channels=3, init_sigma=1.0, padding=padding
-        )
-    return truth["operator"]
+    if method == "bird":
+        return KernelMLPBlur(kernel_size=kernel_size, padding=true_op.padding)
+    return KernelMaskOperator(
+        kernel_size=kernel_size, channels=3, init_sigma=1.0, padding=true_op.padding
+    )
 
 
 def run_method(

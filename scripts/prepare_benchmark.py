@@ -4,16 +4,19 @@
         --data-root /data --out benchmarks/bir_d_imagenet [--tasks sr4 deblur] [--limit 10]
 
 Writes, under ``--out``: ``gt/<name>.png`` (centre-cropped, resized ground truths),
-``<task>/lq/<name>.png`` (degraded with a fixed per-image seed, ``bir.operators.synthetic`` for
-``op:`` tasks, a ``conf/degradation`` pipeline for ``degradation:`` tasks, copies for paired
-``lq_dir:`` tasks), ``<task>/truth/<name>.pt`` (kernels / masks when the operator has them),
-``files.txt`` and ``benchmark.json`` (the resolved config, with the published figures).
+``<task>/lq/<name>.png`` (degraded with a fixed per-image seed: ``operator:`` tasks observe
+``y = A(x) + sigma n`` through the ``conf/operator`` config they name, with their ``overrides``
+(:func:`bir.operators.synthetic.observe`), ``degradation:`` tasks run a ``conf/degradation``
+pipeline, paired ``lq_dir:`` tasks are copied), ``<task>/truth/<name>.pt`` (kernels / masks
+when the operator has them), ``files.txt`` and ``benchmark.json`` (the resolved config, with the
+published figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from bir.data.io import list_images, read_image, save_image
+from bir.errors import UsageError
 from bir.random import sample_generators
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +57,12 @@ def select_files(root: Path, list_file: str | None, num_images: int | None) -> l
 def degrade_task(task: dict, gt: torch.Tensor, seed: int, index: int) -> tuple[torch.Tensor, dict]:
     """Degrade one ``[3, H, W]`` image for ``task``; returns ``lq`` and tensors to save."""
     gens = sample_generators(seed, [index], stream=0)
-    if "op" in task:
-        from bir.operators.synthetic import degrade
+    if "operator" in task:
+        from bir.bench_quality import known_operator
+        from bir.operators.synthetic import observe
 
-        lq, truth = degrade(gt[None], dict(task["op"]), float(task.get("sigma", 0.0)), gens)
+        op = known_operator(task["operator"], task.get("overrides"))
+        lq, truth = observe(gt[None], op, float(task.get("sigma", 0.0)), gens)
         return lq[0], {k: v[0] for k, v in truth.items() if isinstance(v, torch.Tensor)}
     from hydra.utils import instantiate
 
@@ -72,6 +78,12 @@ def prepare(
 ) -> dict:
     """Write ground truths and degraded inputs for the chosen tasks; returns the manifest."""
     ds = cfg["dataset"]
+    chosen = {k: t for k, t in cfg["tasks"].items() if not tasks or k in tasks}
+    for task in chosen.values():  # a wrong operator name or field fails before anything is written
+        if "operator" in task:
+            from bir.bench_quality import known_operator
+
+            known_operator(task["operator"], task.get("overrides"))
     names: list[str] = []
     if ds.get("gt_dir"):
         root = data_root / ds["gt_dir"]
@@ -81,9 +93,7 @@ def prepare(
             names.append(name)
             if not (out / "gt" / f"{name}.png").exists():
                 save_image(centre_square(read_image(p), ds.get("size")), out / "gt" / f"{name}.png")
-    for task_name, task in cfg["tasks"].items():
-        if tasks and task_name not in tasks:
-            continue
+    for task_name, task in chosen.items():
         lq_dir = out / task_name / "lq"
         if "lq_dir" in task:  # paired real data: copy (resized like the gt when a size is set)
             src = data_root / task["lq_dir"]
@@ -115,9 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--override", nargs="*", default=[], help="OmegaConf dotlist overrides")
     args = parser.parse_args(argv)
     cfg = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.override))
-    prepare(
-        OmegaConf.to_container(cfg, resolve=True), args.data_root, args.out, args.tasks, args.limit
-    )
+    try:
+        prepare(
+            OmegaConf.to_container(cfg, resolve=True),
+            args.data_root,
+            args.out,
+            args.tasks,
+            args.limit,
+        )
+    except UsageError as err:
+        print(f"prepare_benchmark: error: {args.config.name}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"prepared {args.config.stem} in {args.out}")
 
 

@@ -5,6 +5,7 @@ from bir.operators.blur import (
     FixedKernelBlur,
     KernelMLPBlur,
     LearnableKernelBlur,
+    MotionBlur,
     convolve_per_image,
     gaussian_kernel,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "LowLightOperator",
     "KernelMLPBlur",
     "LearnableKernelBlur",
+    "MotionBlur",
     "Operator",
     "convolve_per_image",
     "gaussian_kernel",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bir.operators.base import Operator, Shape, batch_size_of
+from bir.operators.synthetic import motion_kernel
 
 #: torch ``F.pad`` modes by the names used in configs; ``zeros_signed`` pads with zeros on the
 #: [-1, 1] scale (the released BIRD code's ``conv2d(padding="same")``; see the module docstring);
@@ -155,6 +156,47 @@ class FixedKernelBlur(Operator):
         b = max(self.batch_size, self.kernel.shape[0])
         psf = as_psf(self.kernel, self.correlate)
         return {"kernel": psf.expand(b, *self.kernel.shape[1:]).detach().clone()}
+
+
+class MotionBlur(FixedKernelBlur):
+    """Blur with a known motion kernel that each image draws from its own random camera
+    trajectory (:func:`bir.operators.synthetic.motion_kernel`, a random walk whose heading
+    drifts, after Boracchi & Foi 2012): the truth of synthetic motion-blur observations.
+
+    :meth:`init_batch` draws image ``b``'s kernel from ``generators[b]`` (without generators
+    from seed ``b``); before it, the operator holds the kernel of seed 0.
+
+    Args:
+        kernel_size: odd kernel size.
+        intensity: in [0, 1], how much the heading turns (0: a straight line).
+        steps: unit steps of the trajectory.
+        padding: ``reflect`` | ``circular`` | ``zeros`` | ``zeros_signed`` (module docstring).
+        correlate: apply the kernel by cross-correlation (module docstring).
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 41,
+        intensity: float = 0.5,
+        steps: int = 64,
+        padding: str = "reflect",
+        correlate: bool = False,
+    ):
+        k = int(kernel_size)
+        super().__init__(torch.zeros(1, 1, k, k), padding=padding, correlate=correlate)
+        self.kernel_size, self.intensity, self.steps = k, float(intensity), int(steps)
+        self.kernel = self._draw([torch.Generator().manual_seed(0)])
+
+    def _draw(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        k, i, n = self.kernel_size, self.intensity, self.steps
+        return torch.stack([motion_kernel(k, i, g, n) for g in generators])[:, None]
+
+    def init_batch(self, shape: Shape, generators: Sequence[torch.Generator] | None = None) -> None:
+        """Draw each image's kernel (``[B, 1, k, k]``, sums to 1) from its generator."""
+        super().init_batch(shape, generators)
+        if generators is None:
+            generators = [torch.Generator().manual_seed(b) for b in range(self.batch_size)]
+        self.kernel = self._draw(generators).to(self.kernel.device)
 
 
 class LearnableKernelBlur(Operator):

@@ -25,7 +25,7 @@ class LowLightOperator(Operator):
 
     Args:
         factor_init_std: ``f`` starts as ``factor_init_mean + factor_init_std * N(0, 1)``
-            (code: mean 0, std 0.01).
+            (code: mean 0, std 0.01); 0 draws nothing (a known factor, e.g. a benchmark's truth).
         factor_init_mean: see above.
         mask_init_scale: the mask starts uniform in ``[0, mask_init_scale)`` (code 1e-4).
         use_mask: add ``M`` at all.
@@ -54,7 +54,7 @@ class LowLightOperator(Operator):
         """Draw each image's ``f`` (then its mask) from its own generator."""
         b = batch_size_of(shape, generators)
         device = generators[0].device if generators else self._device()
-        if generators is None:
+        if generators is None or self.factor_init_std == 0:  # f is known: nothing to draw
             noise = torch.zeros(b, device=device)
         else:
             noise = torch.stack([torch.randn((), generator=g, device=g.device) for g in generators])

@@ -12,7 +12,7 @@ BT601_WEIGHTS = (0.299, 0.587, 0.114)
 
 class Identity(Operator):
     """``y = x`` (denoising: the noise belongs to the observation, see
-    :func:`bir.operators.synthetic.degrade`)."""
+    :func:`bir.operators.synthetic.observe`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x

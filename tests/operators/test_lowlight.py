@@ -26,6 +26,16 @@ def test_factor_init_uses_each_images_generator():
     assert torch.allclose(op.estimate()["factor"], torch.tensor(expected))
 
 
+def test_a_known_factor_draws_nothing():
+    op = LowLightOperator(factor_init_std=0.0, factor_init_mean=0.25, use_mask=False)
+    g = torch.Generator().manual_seed(2)
+    op.init_batch((1, 3, 4, 4), [g])
+    assert op.estimate()["factor"].item() == 0.25
+    assert torch.equal(
+        torch.randn(3, generator=g), torch.randn(3, generator=torch.Generator().manual_seed(2))
+    )
+
+
 def test_gradient_steps_move_the_factor_to_the_exposure():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(1, 3, 16, 16, generator=g) * 0.8 + 0.1

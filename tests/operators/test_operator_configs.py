@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPECTED = {
     "gaussian_blur_known": ("FixedKernelBlur", (1, 3, 64, 64)),
+    "motion_blur_known": ("MotionBlur", (1, 3, 64, 64)),
     "blur_learned_kernel": ("LearnableKernelBlur", (1, 3, 64, 64)),
     "blur_kernel_mlp": ("KernelMLPBlur", (1, 3, 64, 64)),
     "sr_avgpool_x8": ("AvgPoolDownsample", (1, 3, 8, 8)),

@@ -1,5 +1,5 @@
 """Forward operators: blur against scipy, downsampling by hand, masks, grayscale, composition,
-the batched kernel MLP against a per-image loop, and synthetic degradations."""
+the batched kernel MLP against a per-image loop, and synthetic observations."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from bir.operators import (
     InpaintMask,
     KernelMLPBlur,
     LearnableKernelBlur,
+    LowLightOperator,
+    MotionBlur,
     convolve_per_image,
     gaussian_kernel,
 )
-from bir.operators.synthetic import degrade, motion_kernel
+from bir.operators.synthetic import motion_kernel, observe
 
 
 def gens(*seeds: int) -> list[torch.Generator]:
@@ -218,33 +220,48 @@ def test_motion_kernel_is_a_distribution_from_its_generator():
     assert (k > 0).sum() > 15  # a path, not a point
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        {"kind": "gaussian_blur", "kernel_size": 7, "blur_sigma": 1.0},
-        {"kind": "motion_blur", "kernel_size": 9},
-        {"kind": "avgpool", "scale": 4},
-        {"kind": "bicubic", "scale": 2},
-        {"kind": "inpaint", "mask_kind": "random"},
-        {"kind": "identity"},
-        {"kind": "grayscale"},
-    ],
-)
-def test_degrade_returns_truth_that_reproduces_y(spec):
+def test_motion_blur_draws_each_images_kernel_from_its_generator():
+    op = MotionBlur(kernel_size=9, intensity=0.3, steps=32, padding="zeros")
+    op.init_batch((2, 3, 12, 12), gens(4, 5))
+    want = torch.stack([motion_kernel(9, 0.3, g, 32) for g in gens(4, 5)])[:, None]
+    assert torch.equal(op.estimate()["kernel"], want)
+    x = torch.rand(2, 3, 12, 12)
+    torch.testing.assert_close(op(x), convolve_per_image(x, want, "zeros"))
+    op.init_batch((1, 3, 12, 12))  # no generators: seed b
+    assert torch.equal(op.kernel, motion_kernel(9, 0.3, gens(0)[0], 32)[None, None])
+
+
+OPERATORS = {
+    "gaussian_blur": lambda: FixedKernelBlur(kernel_size=7, sigma=1.0),
+    "motion_blur": lambda: MotionBlur(kernel_size=9),
+    "avgpool": lambda: AvgPoolDownsample(4),
+    "bicubic": lambda: BicubicDownsample(2),
+    "inpaint": lambda: InpaintMask(kind="random"),
+    "identity": Identity,
+    "grayscale": Grayscale,
+    "lowlight": lambda: LowLightOperator(factor_init_mean=0.3, factor_init_std=0.0, use_mask=False),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OPERATORS))
+def test_observe_returns_truth_that_reproduces_y(kind):
     x = torch.rand(2, 3, 16, 16)
-    y, truth = degrade(x, spec, 0.0, gens(0, 1))
+    y, truth = observe(x, OPERATORS[kind](), 0.0, gens(0, 1))
     assert torch.allclose(y, truth["operator"](x).clamp(0, 1), atol=1e-6)
-    if "blur" in spec["kind"]:
+    if "blur" in kind:
         assert truth["kernel"].shape[0] == 2 and torch.allclose(
             truth["kernel"].sum((-1, -2)), torch.ones(2, 1)
         )
     # per-image generators: image 1 alone gives the same observation
-    y1, _ = degrade(x[1:], spec, 0.1, gens(1))
-    y2, _ = degrade(x, spec, 0.1, gens(0, 1))
+    y1, _ = observe(x[1:], OPERATORS[kind](), 0.1, gens(1))
+    y2, _ = observe(x, OPERATORS[kind](), 0.1, gens(0, 1))
     assert torch.allclose(y1[0], y2[1], atol=1e-6)
 
 
-def test_degrade_noise_level():
+def test_observe_noise_level_and_no_noise_where_pixels_are_missing():
     x = torch.full((1, 3, 64, 64), 0.5)
-    y, truth = degrade(x, {"kind": "identity"}, 0.05, torch.Generator().manual_seed(0))
+    y, truth = observe(x, Identity(), 0.05, gens(0))
     assert abs((y - x).std().item() - 0.05) < 0.003 and truth["sigma"] == 0.05
+    y, truth = observe(x, InpaintMask(kind="random", keep_ratio=0.5), 0.05, gens(0))
+    missing = truth["mask"].expand_as(y) == 0
+    assert missing.any() and (y[missing] == 0).all() and (y[~missing] != 0.5).all()
