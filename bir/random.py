@@ -37,6 +37,14 @@ def sample_generators(
     return gens
 
 
+def _per_generator(draw, shape, generators, device, dtype) -> torch.Tensor:
+    """``(len(generators), *shape)`` from ``draw`` (``torch.randn`` / ``torch.rand``); row ``i``
+    drawn from ``generators[i]``."""
+    return torch.stack(
+        [draw(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators]
+    )
+
+
 def randn(
     shape: Sequence[int],
     generators: Sequence[torch.Generator],
@@ -44,9 +52,7 @@ def randn(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normal tensor of ``(len(generators), *shape)``; row ``i`` drawn from ``generators[i]``."""
-    return torch.stack(
-        [torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators]
-    )
+    return _per_generator(torch.randn, shape, generators, device, dtype)
 
 
 def rand(
@@ -56,9 +62,16 @@ def rand(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Uniform [0, 1) tensor of ``(len(generators), *shape)``; row ``i`` drawn from ``generators[i]``."""
-    return torch.stack(
-        [torch.rand(tuple(shape), generator=g, device=device, dtype=dtype) for g in generators]
-    )
+    return _per_generator(torch.rand, shape, generators, device, dtype)
+
+
+def randn_like(x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` (its dtype and device), row ``b`` from
+    ``generators[b]``: drawn on the generators' device, then moved to x's, so the numbers depend
+    on the generators only."""
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"need one generator per sample: {len(generators)} for batch {x.shape[0]}")
+    return randn(x.shape[1:], generators, device=generators[0].device, dtype=x.dtype).to(x.device)
 
 
 def uniform(g: torch.Generator, low: float, high: float) -> float:

@@ -273,23 +273,16 @@ class PredictionWriter(BasePredictionWriter):
             self._log_grid(trainer, batch, restored, i, name)
 
     def _log_grid(self, trainer, batch, restored, i, name) -> None:
-        logger = trainer.logger
-        if logger is None or self._logged >= self.log_images or not hasattr(logger, "log_image"):
+        from bir.callbacks.images import comparison_grid, image_loggers, log_grid
+
+        if self._logged >= self.log_images or not image_loggers(trainer):
             return
-        panels = []
-        if "lq" in batch:
-            lq = batch["lq"][i]
-            if lq.shape != restored[i].shape:
-                lq = torch.nn.functional.interpolate(lq[None], restored.shape[-2:], mode="nearest")[
-                    0
-                ]
-            panels.append(lq)
-        panels.append(restored[i])
+        columns = [batch["lq"][i][None]] if "lq" in batch else []  # resized to the output's size
+        columns.append(restored[i][None])
         if "gt" in batch and batch["gt"][i].shape == restored[i].shape:
-            panels.append(batch["gt"][i])
-        grid = torch.cat([p.detach().float().cpu().clamp(0, 1) for p in panels], dim=-1)
-        rgb8 = (grid * 255).round().to(torch.uint8)  # wandb.Image casts to uint8 as it is
-        logger.log_image(key="predict/images", images=[rgb8], caption=[f"{name}: LQ | output | GT"])
+            columns.append(batch["gt"][i][None])
+        grid = comparison_grid(*columns)
+        log_grid(trainer, "predict/images", grid, caption=f"{name}: LQ | output | GT")
         self._logged += 1
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from bir.random import randn
+from bir.random import randn_like
 
 Tensor = torch.Tensor
 Denoiser = Callable[..., Tensor]
@@ -130,14 +130,7 @@ def gaussian_noise_sampler(x: Tensor, generators: Sequence[torch.Generator]) -> 
     Brownian tree (torchsde), whose increments are also unit Gaussian but drawn from a different
     stream, so the same seed gives different samples.
     """
-    if len(generators) != x.shape[0]:
-        raise ValueError(f"need one generator per sample: {len(generators)} for batch {x.shape[0]}")
-
-    def sample(sigma: float, sigma_next: float) -> Tensor:
-        z = randn(x.shape[1:], generators, device=generators[0].device, dtype=x.dtype)
-        return z.to(x.device)
-
-    return sample
+    return lambda sigma, sigma_next: randn_like(x, generators)
 
 
 def sample_dpmpp_3m_sde(

@@ -8,7 +8,7 @@ model's range. ``callback`` (optional) is called once per step with a dict
     {"i": int step index, "t": int original timestep, "x": x_t at the start of the step,
      "x0": the x0 estimate the step used (after clipping and guidance)}.
 
-Random draws come from per-sample generators (:func:`bir.random.randn`), so a sample does not
+Random draws come from per-sample generators (:func:`bir.random.randn_like`), so a sample does not
 depend on the batch it was drawn in.
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from bir.diffusion.parameterization import ModelOutput
 from bir.diffusion.schedules import DiffusionSchedule
-from bir.random import randn
+from bir.random import randn_like
 
 Tensor = torch.Tensor
 Model = Callable[[Tensor, Tensor], ModelOutput]
@@ -35,15 +35,6 @@ Guidance = Callable[
 
 def _step_index(i: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-
-
-def _noise_like(x: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
-    """Standard normal noise shaped like ``x``, row b from ``generators[b]`` (drawn on the
-    generators' device, then moved to x's)."""
-    if len(generators) != x.shape[0]:
-        raise ValueError(f"need one generator per sample: {len(generators)} for batch {x.shape[0]}")
-    z = randn(x.shape[1:], generators, device=generators[0].device, dtype=x.dtype)
-    return z.to(x.device)
 
 
 def sample_ddpm(
@@ -75,14 +66,16 @@ def sample_ddpm(
             ``schedule.t(i)``), ``out`` the :class:`ModelOutput` whose ``x0`` is already clipped,
             ``mean`` the posterior mean and ``log_variance`` the step's log-variance (both
             broadcastable to ``x_t``). Return either element as None to keep it:
-            ``(None, x0')`` recomputes the mean from ``x0'`` (DiffBIR's latent image guidance),
-            ``(mean', None)`` replaces the mean (GDP / BIR-D: ``mean - s * grad``),
-            ``(mean', x0')`` sets both (x0' only reported to the callback). The hook may use
-            ``torch.enable_grad()`` inside even when the caller samples under ``no_grad``.
-            If the guidance object also has a method
+            ``(None, x0')`` recomputes the mean from ``x0'``
+            (:class:`~bir.diffusion.guidance.LatentImageGuidance`, DiffBIR v2 units),
+            ``(mean', None)`` replaces the mean (:class:`~bir.lit.bir_d.OperatorGuidance` of GDP
+            and BIR-D: ``mean - s * dL/dx0``), ``(mean', x0')`` sets both, x0' only reported to
+            the callback (``LatentImageGuidance`` in DiffBIR v1 units). The hook may use
+            ``torch.enable_grad()`` inside even when the caller samples under ``no_grad``
+            (``OperatorGuidance`` does). If the guidance object also has a method
             ``after_step(x_t, x_prev, i, mean, log_variance)``, it is called once x_{t-1} is
-            drawn, with the mean and log-variance it was drawn from (BIR-D's adaptive scale is
-            computed there).
+            drawn, with the mean and log-variance it was drawn from (``OperatorGuidance``
+            computes BIR-D's adaptive scale there; with GDP's fixed scale it changes nothing).
         callback: see the module docstring.
         clip_x0: clamp x0 to [-1, 1] before the posterior mean (ADM ``clip_denoised``).
 
@@ -111,7 +104,7 @@ def sample_ddpm(
         if callback is not None:
             callback({"i": step, "t": int(schedule.timesteps[step]), "x": x, "x0": x0})
         if step > 0:
-            x_prev = mean + torch.exp(0.5 * log_variance) * _noise_like(x, generators)
+            x_prev = mean + torch.exp(0.5 * log_variance) * randn_like(x, generators)
         else:
             x_prev = mean
         after_step = getattr(guidance, "after_step", None)
@@ -205,7 +198,7 @@ def sample_ddim(
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         x = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * _noise_like(x, generators)
+            x = x + sigma * randn_like(x, generators)
     return x
 
 

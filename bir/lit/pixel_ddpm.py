@@ -2,13 +2,13 @@
 
 Checkpoint layout (what :class:`bir.diffusion.prior.PixelPrior` loads): the Lightning
 ``state_dict`` holds the trained network under ``net.*`` and its exponential moving average under
-``ema_net.*`` (plus the scalar buffer ``ema_updates``). ``PixelPrior`` prefers ``ema_net.``, so a
-``last.ckpt`` of this module is a prior checkpoint as it stands.
+``ema_net.*`` (plus the scalar buffer ``ema_updates``; the update rule is :mod:`bir.lit.ema`).
+``PixelPrior`` prefers ``ema_net.``, so a ``last.ckpt`` of this module is a prior checkpoint as it
+stands.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -18,9 +18,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from bir.callbacks.images import log_grid
 from bir.diffusion.parameterization import DiffusionModel, convert_output
 from bir.diffusion.samplers import sample_ddpm
 from bir.diffusion.schedules import DiffusionSchedule, space_timesteps
+from bir.lit.ema import decay_at, ema_copy, update_ema
 from bir.lit.hparams import save_plain_hyperparameters
 from bir.random import rand, randn, sample_generators
 
@@ -158,7 +160,7 @@ class PixelDDPM(pl.LightningModule):
         super().__init__()
         save_plain_hyperparameters(self, ignore=["net", "optimizer"])
         self.net = net
-        self.ema_net = copy.deepcopy(net).requires_grad_(False).eval()
+        self.ema_net = ema_copy(net)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         sched = {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
         sched.update(dict(schedule or {}))
@@ -223,13 +225,9 @@ class PixelDDPM(pl.LightningModule):
     # --- EMA ----------------------------------------------------------------------------------
     @torch.no_grad()
     def update_ema(self) -> float:
-        """ema <- d ema + (1 - d) net for parameters, buffers copied; returns the decay d used."""
-        n = int(self.ema_updates)
-        decay = min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
-        for ema_p, p in zip(self.ema_net.parameters(), self.net.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
-        for ema_b, b in zip(self.ema_net.buffers(), self.net.buffers()):
-            ema_b.copy_(b)
+        """One :func:`bir.lit.ema.update_ema` step of ``ema_net``; returns the decay d used."""
+        decay = decay_at(self.ema_decay, int(self.ema_updates), self.ema_warmup)
+        update_ema(self.ema_net, self.net, decay)
         self.ema_updates += 1
         return decay
 
@@ -264,28 +262,14 @@ class PixelDDPM(pl.LightningModule):
 
     def log_samples(self, images: Tensor) -> None:
         """Send a grid of ``images`` ([N, C, H, W] in [0, 1]) to every logger that takes images
-        (W&B-style ``log_image``, TensorBoard ``add_image``); with none, save a PNG under
+        (:func:`bir.callbacks.images.log_grid`); with none, save a PNG under
         ``<default_root_dir>/samples/``."""
         from torchvision.utils import make_grid
 
         grid = make_grid(
             images.float().cpu(), nrow=int(math.ceil(math.sqrt(len(images)))), padding=2
         )
-        logged = False
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                # wandb.Image casts tensors to uint8 as they are: give it 0..255, not 0..1
-                rgb8 = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
-                logger.log_image(key="train/samples", images=[rgb8], step=self.global_step)
-                logged = True
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):
-                logger.experiment.add_image("train/samples", grid, self.global_step)
-                logged = True
-        if not logged and self._trainer is not None:
-            from bir.data.io import save_image
-
-            path = (
-                Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png"
-            )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, path)
+        if self._trainer is None:
+            return
+        png = Path(self.trainer.default_root_dir) / "samples" / f"step{self.global_step:07d}.png"
+        log_grid(self.trainer, "train/samples", grid, self.global_step, png_path=png)

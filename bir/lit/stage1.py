@@ -1,10 +1,10 @@
 """DiffBIR stage 1: train SwinIR to remove degradations (MSE), validate, and restore folders.
 
-Data flow (DESIGN.md, "Train stage 1"): GT crops arrive on the device, ``on_after_batch_transfer``
-degrades them with per-sample generators, the network restores, the loss is
-``MSE(net(lq), gt)`` with DiffBIR's ``reduction="sum"``. Mixed precision, gradient clipping,
-checkpointing and EMA are the trainer's business (``trainer.precision``,
-``trainer.gradient_clip_val``, :class:`lightning.pytorch.callbacks.EMAWeightAveraging`).
+Data flow (docs/design.md, "Train stage 1"): GT crops arrive on the device,
+``on_after_batch_transfer`` degrades them with per-sample generators, the network restores, the
+loss is ``MSE(net(lq), gt)`` with DiffBIR's ``reduction="sum"``. Mixed precision, gradient
+clipping, checkpointing and EMA are the trainer's business (``trainer.precision``,
+``trainer.gradient_clip_val``, the callback :class:`bir.lit.ema.EMACallback`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from bir.callbacks.images import comparison_grid, image_loggers, log_grid
 from bir.lit.hparams import save_plain_hyperparameters
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.random import sample_generators
@@ -50,22 +51,6 @@ def cosine_with_warmup(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def comparison_grid(*columns: torch.Tensor, max_rows: int = 4) -> torch.Tensor:
-    """Side-by-side grid [3, rows*H, len(columns)*W] in [0, 1] of ``[B, 3, H, W]`` batches.
-
-    Every column is resized (nearest) to the last column's size, e.g. (LQ | restored | GT).
-    """
-    size = columns[-1].shape[-2:]
-    cols = [
-        c[:max_rows].detach().float().clamp(0, 1)
-        if c.shape[-2:] == size
-        else F.interpolate(c[:max_rows].detach().float(), size=size, mode="nearest").clamp(0, 1)
-        for c in columns
-    ]
-    rows = torch.cat(cols, dim=-1)  # B, 3, H, k*W
-    return torch.cat(list(rows), dim=-2).cpu()  # 3, B*H, k*W
 
 
 class Stage1Restoration(pl.LightningModule):
@@ -259,18 +244,8 @@ class Stage1Restoration(pl.LightningModule):
     # ------------------------------------------------------------------------------- logging
     def log_grid(self, tag: str, lq: torch.Tensor, out: torch.Tensor, gt: torch.Tensor) -> None:
         """Send an (LQ | restored | GT) grid to every attached logger that takes images."""
-        if self._trainer is None or not self._trainer.is_global_zero or not self.loggers:
-            return
-        grid = comparison_grid(lq, out, gt)  # 3, H', W' in [0, 1]
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):  # W&B, Neptune, MLflow-style API
-                # wandb.Image casts arrays to uint8 as they are: give it 0..255, not 0..1
-                rgb8 = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-                logger.log_image(key=tag, images=[rgb8], step=self.global_step)
-                continue
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):  # TensorBoard
-                experiment.add_image(tag, grid, self.global_step)
+        if image_loggers(self._trainer):
+            log_grid(self._trainer, tag, comparison_grid(lq, out, gt), self.global_step)
 
 
 def gt_device(batch: dict) -> torch.device:

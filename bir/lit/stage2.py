@@ -1,12 +1,12 @@
 """DiffBIR stage 2: train LAControlNet on frozen Stable Diffusion (Lin et al. 2024, Sec. 3.2).
 
-Data flow (DESIGN.md, "Train stage 2"): GT crops in [0, 1] -> degradation (per-sample generators)
--> frozen stage-1 SwinIR -> VAE posterior mode x 0.18215 = condition latent ``c``;
+Data flow (docs/design.md, "Train stage 2"): GT crops in [0, 1] -> degradation (per-sample
+generators) -> frozen stage-1 SwinIR -> VAE posterior mode x 0.18215 = condition latent ``c``;
 ``z_0`` = VAE(GT) sample x 0.18215; ``t ~ U{0..T-1}``, ``z_t = sqrt(abar_t) z_0 + sqrt(1-abar_t) eps``;
 the ControlLDM predicts eps (or v) from ``(z_t, t, text, c)``; loss = MSE (mean). Only the
-ControlNet is optimised (AdamW, lr 1e-4); an EMA copy of the ControlNet alone is kept when
-``ema_decay`` is set. Checkpoints hold the ControlNet (and its EMA) only: the frozen SD and
-stage-1 weights come from their own files, so a 1.4 GB file instead of 5 GB.
+ControlNet is optimised (AdamW, lr 1e-4); an EMA copy of the ControlNet alone (:mod:`bir.lit.ema`)
+is kept when ``ema_decay`` is set. Checkpoints hold the ControlNet (and its EMA) only: the frozen
+SD and stage-1 weights come from their own files, so a 1.4 GB file instead of 5 GB.
 
 Randomness: every draw (degradation, timestep, noise, VAE sample, prompt dropout, condition
 noise augmentation) comes from per-sample generators seeded by (seed, sample index, step), so a
@@ -15,7 +15,6 @@ run does not depend on the batch split across devices.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -23,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bir.callbacks.images import comparison_grid, image_loggers, log_grid
 from bir.diffusion.schedules import DiffusionSchedule
+from bir.lit.ema import ema_copy, update_ema
 from bir.lit.hparams import save_plain_hyperparameters
-from bir.lit.stage1 import STEP_STRIDE, comparison_grid
+from bir.lit.stage1 import STEP_STRIDE
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.nets.controlldm import ControlLDM
 from bir.nets.rrdbnet import BSRNET_URL
@@ -118,7 +119,7 @@ class Stage2ControlLDM(pl.LightningModule):
         self.schedule = DiffusionSchedule.from_config(**sched)
         self.ema_controlnet: nn.Module | None = None
         if ema_decay is not None:
-            self.ema_controlnet = copy.deepcopy(self.model.controlnet).requires_grad_(False).eval()
+            self.ema_controlnet = ema_copy(self.model.controlnet)
         self.model.set_gradient_checkpointing(gradient_checkpointing)
         # frozen parts are not saved (see on_save_checkpoint), so loading is not strict
         self.strict_loading = False
@@ -249,31 +250,16 @@ class Stage2ControlLDM(pl.LightningModule):
         if self.ema_controlnet is not None:
             self.update_ema()
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        """``ema <- decay * ema + (1 - decay) * controlnet`` (parameters; buffers copied)."""
-        decay = float(self.hparams.ema_decay)
-        ema_params = dict(self.ema_controlnet.named_parameters())
-        for name, p in self.model.controlnet.named_parameters():
-            ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1 - decay)
-        ema_buffers = dict(self.ema_controlnet.named_buffers())
-        for name, buf in self.model.controlnet.named_buffers():
-            ema_buffers[name].copy_(buf)
+        """``ema <- decay * ema + (1 - decay) * controlnet`` (:func:`bir.lit.ema.update_ema`)."""
+        update_ema(self.ema_controlnet, self.model.controlnet, float(self.hparams.ema_decay))
 
     # ----------------------------------------------------------------------------- logging
     def log_grid(self, tag: str, inputs: dict[str, Tensor]) -> None:
         """(LQ | stage 1 | decoded condition | GT) grid to loggers that take images."""
-        if self.trainer is None or not self.trainer.is_global_zero or not self.loggers:
+        if not image_loggers(self._trainer):
             return
         with torch.no_grad():
             decoded = (self.model.vae_decode(inputs["cond"][:4]) + 1) / 2
         grid = comparison_grid(inputs["lq"], inputs["clean"], decoded, inputs["gt"])
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                # wandb.Image casts arrays to uint8 as they are: give it 0..255, not 0..1
-                rgb8 = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-                logger.log_image(key=tag, images=[rgb8], step=self.global_step)
-                continue
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image(tag, grid, self.global_step)
+        log_grid(self._trainer, tag, grid, self.global_step)

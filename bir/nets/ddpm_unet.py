@@ -6,8 +6,9 @@ release (``temb.dense.{0,1}``, ``conv_in``, ``down.i.block.j``, ``down.i.attn.j`
 ``up.i.attn.j``, ``up.i.upsample.conv``, ``norm_out``, ``conv_out``) so its bare state dicts load
 with ``strict=True``; a DataParallel ``module.`` prefix is stripped by :func:`load_ddpm_unet`.
 
-The residual block, resamplers and the ``Encoder``/``Decoder`` skeleton are shared with ldm's VAE
-(:mod:`bir.nets.vae`), which uses the same building blocks without the timestep embedding.
+The residual block, resamplers, middle block and the down / up paths (:class:`EncoderLevels`,
+:class:`DecoderLevels`) are defined here once; ldm's VAE (:mod:`bir.nets.vae`) builds its
+``Encoder``/``Decoder`` from them without the timestep embedding and without skip connections.
 """
 
 from __future__ import annotations
@@ -129,6 +130,152 @@ class Downsample(nn.Module):
         return F.avg_pool2d(x, 2, 2)
 
 
+class MidBlock(nn.Module):
+    """The bottom of the UNet and of the VAE's encoder and decoder: ResnetBlock, self-attention,
+    ResnetBlock (keys ``block_1``, ``attn_1``, ``block_2``); ``temb`` as :class:`ResnetBlock`."""
+
+    def __init__(self, channels: int, dropout: float = 0.0, temb_channels: int = 0):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout=dropout, temb_channels=temb_channels)
+        self.attn_1 = SpatialSelfAttention(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout=dropout, temb_channels=temb_channels)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h, temb)), temb)
+
+
+class EncoderLevels(nn.ModuleList):
+    """The down path: level ``i`` holds ``block.j`` (``num_res_blocks`` ResnetBlocks to
+    ``ch * ch_mult[i]`` channels), ``attn.j`` (self-attention after each block at the feature
+    sizes in ``attn_resolutions``) and, except on the last level, ``downsample``.
+
+    ``out_channels`` / ``out_resolution``: channels and feature size at the bottom.
+    ``forward(h [B, ch, H, W], temb, skips) -> [B, out_channels, H/f, W/f]``; with a list
+    ``skips`` every block's and resampler's output is appended to it (the UNet's skips).
+    """
+
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        temb_channels: int = 0,
+    ):
+        super().__init__()
+        in_ch_mult = (1, *ch_mult)
+        curr_res, block_in = resolution, ch
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = ch * in_ch_mult[level], ch * mult
+            for _ in range(num_res_blocks):
+                stage.block.append(
+                    ResnetBlock(block_in, block_out, dropout=dropout, temb_channels=temb_channels)
+                )
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    stage.attn.append(SpatialSelfAttention(block_in))
+            if level != len(ch_mult) - 1:
+                stage.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res //= 2
+            self.append(stage)
+        self.out_channels, self.out_resolution = block_in, curr_res
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        temb: torch.Tensor | None = None,
+        skips: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        for level, stage in enumerate(self):
+            for i, block in enumerate(stage.block):
+                h = block(h, temb)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+                if skips is not None:
+                    skips.append(h)
+            if level != len(self) - 1:
+                h = stage.downsample(h)
+                if skips is not None:
+                    skips.append(h)
+        return h
+
+
+class DecoderLevels(nn.ModuleList):
+    """The up path, indexed by level as :class:`EncoderLevels` and run from the bottom: level ``i``
+    holds ``block.j`` (``num_res_blocks + 1`` ResnetBlocks to ``ch * ch_mult[i]`` channels),
+    ``attn.j`` and, except on level 0, ``upsample``.
+
+    Args:
+        in_channels: channels at the bottom; ``resolution``: feature size there.
+        skip_connections: every block also takes the matching :class:`EncoderLevels` output,
+            concatenated on channels (the UNet; the VAE decoder has none).
+
+    ``forward(h, temb, skips) -> [B, ch * ch_mult[0], H*f, W*f]``, popping ``skips`` (as the
+    encoder filled it) when ``skip_connections``. ``out_channels``: channels at the top.
+    """
+
+    def __init__(
+        self,
+        ch: int,
+        ch_mult: Sequence[int],
+        num_res_blocks: int,
+        attn_resolutions: Sequence[int],
+        resolution: int,
+        in_channels: int,
+        dropout: float = 0.0,
+        resamp_with_conv: bool = True,
+        temb_channels: int = 0,
+        skip_connections: bool = False,
+    ):
+        super().__init__()
+        in_ch_mult = (1, *ch_mult)
+        curr_res, block_in = resolution, in_channels
+        stages: list[nn.Module] = []
+        for level in reversed(range(len(ch_mult))):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = skip_in = ch * ch_mult[level]
+            for i in range(num_res_blocks + 1):
+                if i == num_res_blocks:
+                    skip_in = ch * in_ch_mult[level]  # the skip from the previous level's output
+                block_in += skip_in if skip_connections else 0
+                stage.block.append(
+                    ResnetBlock(block_in, block_out, dropout=dropout, temb_channels=temb_channels)
+                )
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    stage.attn.append(SpatialSelfAttention(block_in))
+            if level != 0:
+                stage.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            stages.insert(0, stage)
+        self.extend(stages)
+        self.out_channels = block_in
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        temb: torch.Tensor | None = None,
+        skips: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        for level in reversed(range(len(self))):
+            stage = self[level]
+            for i, block in enumerate(stage.block):
+                if skips is not None:
+                    h = torch.cat([h, skips.pop()], dim=1)
+                h = block(h, temb)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if level != 0:
+                h = stage.upsample(h)
+        return h
+
+
 class DDPMUNet(nn.Module):
     """The DDPM/DDIM UNet ``Model`` (ch 128, ch_mult (1,1,2,2,4,4), attention at 16 for CelebA-HQ).
 
@@ -169,57 +316,25 @@ class DDPMUNet(nn.Module):
             [nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)]
         )
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-
-        in_ch_mult = (1, *ch_mult)
-        curr_res = resolution
-        block_in = ch
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(ch_mult):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[level], ch * mult
-            for _ in range(num_res_blocks):
-                stage.block.append(
-                    ResnetBlock(block_in, block_out, dropout=dropout, temb_channels=self.temb_ch)
-                )
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    stage.attn.append(SpatialSelfAttention(block_in))
-            if level != self.num_resolutions - 1:
-                stage.downsample = Downsample(block_in, resamp_with_conv)
-                curr_res //= 2
-            self.down.append(stage)
-
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(
-            block_in, block_in, dropout=dropout, temb_channels=self.temb_ch
+        levels = {
+            "ch": ch,
+            "ch_mult": ch_mult,
+            "num_res_blocks": num_res_blocks,
+            "attn_resolutions": attn_resolutions,
+            "dropout": dropout,
+            "resamp_with_conv": resamp_with_conv,
+            "temb_channels": self.temb_ch,
+        }
+        self.down = EncoderLevels(resolution=resolution, **levels)
+        block_in = self.down.out_channels
+        self.mid = MidBlock(block_in, dropout=dropout, temb_channels=self.temb_ch)
+        self.up = DecoderLevels(
+            resolution=self.down.out_resolution,
+            in_channels=block_in,
+            skip_connections=True,
+            **levels,
         )
-        self.mid.attn_1 = SpatialSelfAttention(block_in)
-        self.mid.block_2 = ResnetBlock(
-            block_in, block_in, dropout=dropout, temb_channels=self.temb_ch
-        )
-
-        up_stages: list[nn.Module] = []
-        for level in reversed(range(self.num_resolutions)):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = skip_in = ch * ch_mult[level]
-            for i in range(num_res_blocks + 1):
-                if i == num_res_blocks:
-                    skip_in = ch * in_ch_mult[level]  # the skip from the previous level's output
-                stage.block.append(
-                    ResnetBlock(
-                        block_in + skip_in, block_out, dropout=dropout, temb_channels=self.temb_ch
-                    )
-                )
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    stage.attn.append(SpatialSelfAttention(block_in))
-            if level != 0:
-                stage.upsample = Upsample(block_in, resamp_with_conv)
-                curr_res *= 2
-            up_stages.insert(0, stage)
-        self.up = nn.ModuleList(up_stages)
+        block_in = self.up.out_channels
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
@@ -229,26 +344,9 @@ class DDPMUNet(nn.Module):
         temb = ddpm_timestep_embedding(t, self.ch).to(x.dtype)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
 
-        hs = [self.conv_in(x)]
-        for level, stage in enumerate(self.down):
-            for i, block in enumerate(stage.block):
-                h = block(hs[-1], temb)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-                hs.append(h)
-            if level != self.num_resolutions - 1:
-                hs.append(stage.downsample(hs[-1]))
-
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
-
-        for level in reversed(range(self.num_resolutions)):
-            stage = self.up[level]
-            for i, block in enumerate(stage.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), temb)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if level != 0:
-                h = stage.upsample(h)
+        hs = [self.conv_in(x)]  # the skips: every encoder output, popped by the decoder
+        h = self.down(hs[0], temb, skips=hs)
+        h = self.up(self.mid(h, temb), temb, skips=hs)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

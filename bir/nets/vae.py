@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bir.nets.attention import SpatialSelfAttention
 from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
-from bir.nets.ddpm_unet import Downsample, ResnetBlock, Upsample, group_norm
+from bir.nets.ddpm_unet import DecoderLevels, EncoderLevels, MidBlock, group_norm
 from bir.random import randn
 from bir.tiling import tiled_apply
 
@@ -45,43 +44,18 @@ class Encoder(nn.Module):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        in_ch_mult = (1, *ch_mult)
-        curr_res, block_in = resolution, ch
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(ch_mult):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[level], ch * mult
-            for _ in range(num_res_blocks):
-                stage.block.append(
-                    ResnetBlock(block_in, block_out, dropout=dropout, temb_channels=0)
-                )
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    stage.attn.append(SpatialSelfAttention(block_in))
-            if level != self.num_resolutions - 1:
-                stage.downsample = Downsample(block_in, resamp_with_conv)
-                curr_res //= 2
-            self.down.append(stage)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, temb_channels=0)
-        self.mid.attn_1 = SpatialSelfAttention(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, temb_channels=0)
+        self.down = EncoderLevels(
+            ch, ch_mult, num_res_blocks, attn_resolutions, resolution, dropout, resamp_with_conv
+        )
+        block_in = self.down.out_channels
+        self.mid = MidBlock(block_in, dropout=dropout)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(
             block_in, 2 * z_channels if double_z else z_channels, 3, padding=1
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level, stage in enumerate(self.down):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if level != self.num_resolutions - 1:
-                h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(self.down(self.conv_in(x)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -103,42 +77,23 @@ class Decoder(nn.Module):
         super().__init__()
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
-        curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, temb_channels=0)
-        self.mid.attn_1 = SpatialSelfAttention(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, temb_channels=0)
-        up_stages: list[nn.Module] = []
-        for level in reversed(range(self.num_resolutions)):
-            stage = nn.Module()
-            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
-            block_out = ch * ch_mult[level]
-            for _ in range(num_res_blocks + 1):
-                stage.block.append(
-                    ResnetBlock(block_in, block_out, dropout=dropout, temb_channels=0)
-                )
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    stage.attn.append(SpatialSelfAttention(block_in))
-            if level != 0:
-                stage.upsample = Upsample(block_in, resamp_with_conv)
-                curr_res *= 2
-            up_stages.insert(0, stage)
-        self.up = nn.ModuleList(up_stages)
-        self.norm_out = group_norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+        self.mid = MidBlock(block_in, dropout=dropout)
+        self.up = DecoderLevels(
+            ch,
+            ch_mult,
+            num_res_blocks,
+            attn_resolutions,
+            resolution // 2 ** (self.num_resolutions - 1),
+            block_in,
+            dropout,
+            resamp_with_conv,
+        )
+        self.norm_out = group_norm(self.up.out_channels)
+        self.conv_out = nn.Conv2d(self.up.out_channels, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for level in reversed(range(self.num_resolutions)):
-            stage = self.up[level]
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if level != 0:
-                h = stage.upsample(h)
+        h = self.up(self.mid(self.conv_in(z)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -7,6 +7,7 @@ import math
 from functools import partial
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -231,8 +232,8 @@ def test_fit_logs_samples_and_checkpoint_loads_into_pixel_prior(tmp_path, learn_
             ("train/samples", 4),
         ]
         grid = image_logger.images[0][1][0]
-        # 2 tiles, padding 2; 8-bit levels (wandb.Image casts to uint8 as it is)
-        assert grid.shape == (3, 20, 38) and grid.dtype == torch.uint8 and grid.max() > 1
+        # 2 tiles, padding 2; H x W x 3 in 8-bit levels (wandb.Image casts to uint8 as it is)
+        assert grid.shape == (20, 38, 3) and grid.dtype == np.uint8 and grid.max() > 1
     else:
         assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
             "step0000002.png",

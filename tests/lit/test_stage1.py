@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from bir import metrics
 from bir.degradations import DegradationResult
+from bir.lit.ema import EMACallback
 from bir.lit.stage1 import (
     STEP_STRIDE,
     TRAIN_DEGRADATION_STREAM,
     VAL_DEGRADATION_STREAM,
     Stage1Restoration,
-    comparison_grid,
     cosine_with_warmup,
 )
 from bir.nets.swinir import SwinIR
@@ -178,7 +178,7 @@ def test_resume_continues_at_saved_step_with_same_optimizer_state(tmp_path):
 def test_ema_callback_formula_and_checkpoint(tmp_path):
     decay = 0.8
     rec = Recorder()
-    ema = EMAWeightAveraging(decay=decay, use_buffers=False)
+    ema = EMACallback(decay=decay)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
     module = make_module(lr=1e-2)
     trainer(tmp_path, 4, [rec, ema, ckpt], enable_checkpointing=True).fit(module, loader(Photos(4)))
@@ -192,6 +192,48 @@ def test_ema_callback_formula_and_checkpoint(tmp_path):
     # the checkpoint's state_dict holds the average: for_inference restores it
     restored = Stage1Restoration.for_inference(SwinIR(**TINY), tmp_path / "ck" / "last.ckpt")
     torch.testing.assert_close(nn.utils.parameters_to_vector(restored.net.parameters()), expected)
+
+
+def test_ema_callback_warmup(tmp_path):
+    rec = Recorder()
+    module = make_module(lr=1e-2)
+    trainer(tmp_path, 4, [rec, EMACallback(decay=0.8, warmup=True)]).fit(module, loader(Photos(4)))
+    expected = rec.params[0]  # the first update copies; update n then uses min(0.8, (1+n)/(10+n))
+    for n, p in enumerate(rec.params[1:], start=1):
+        d = min(0.8, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * p
+    final = nn.utils.parameters_to_vector(module.net.parameters())
+    torch.testing.assert_close(final, expected)
+
+
+def test_checkpoints_of_lightnings_ema_callback_restore_and_resume(tmp_path):
+    """Stage-1 checkpoints written before bir had its own EMA (Lightning's EMAWeightAveraging)
+    restore the average and resume training with :class:`EMACallback` as if never stopped."""
+    data = loader(Photos(6))  # 3 batches per epoch
+    straight = make_module(lr=1e-2)
+    trainer(tmp_path / "a", 6, [EMACallback(decay=0.8)]).fit(straight, data)
+
+    old = EMAWeightAveraging(decay=0.8, use_buffers=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path / "b", 3, [old, ckpt], enable_checkpointing=True).fit(
+        make_module(lr=1e-2), data
+    )
+    path = next((tmp_path / "ck").glob("*.ckpt"))
+    saved = torch.load(path, weights_only=True)
+    restored = Stage1Restoration.for_inference(SwinIR(**TINY), path)
+    for name, value in restored.net.state_dict().items():
+        torch.testing.assert_close(value, saved["state_dict"][f"net.{name}"])  # the average
+    assert not torch.equal(
+        saved["state_dict"]["net.conv_last.weight"],
+        saved["current_model_state"]["net.conv_last.weight"],
+    )
+
+    resumed = make_module(lr=1e-2)
+    trainer(tmp_path / "c", 6, [EMACallback(decay=0.8)]).fit(resumed, data, ckpt_path=path)
+    torch.testing.assert_close(
+        nn.utils.parameters_to_vector(resumed.net.parameters()),
+        nn.utils.parameters_to_vector(straight.net.parameters()),
+    )
 
 
 def test_validation_degrades_with_fixed_seed_and_logs_metrics(tmp_path):
@@ -251,17 +293,6 @@ def test_image_grids_reach_loggers_with_log_image(tmp_path):
     trainer(tmp_path, 3, logger=logger).fit(module, loader(Photos(2)))
     # steps 0 and 2; grid: 2 rows of 16 px, LQ | restored | GT columns, HWC
     assert logger.images == [("train/images", (32, 48, 3), 0), ("train/images", (32, 48, 3), 2)]
-
-
-def test_comparison_grid_layout():
-    lq, out, gt = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 8, 8), 0.5), torch.ones(2, 3, 8, 8)
-    grid = comparison_grid(lq, out, gt)
-    assert grid.shape == (3, 16, 24)
-    assert (
-        grid[:, :, :8].max() == 0
-        and (grid[:, :, 8:16] == 0.5).all()
-        and (grid[:, :, 16:] == 1).all()
-    )
 
 
 class ScaleBy(nn.Module):
