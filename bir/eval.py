@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,17 +212,6 @@ def _score(
         row.update(status="metric_error", error="; ".join(errors))
 
 
-def _strict(v):
-    """Summary values -> strict JSON values (non-finite floats -> None)."""
-    if isinstance(v, dict):
-        return {k: _strict(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_strict(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def summary_markdown(summary: dict) -> str:
     """The summary as a Markdown table (:func:`bir.metrics.summary_table`: metric, mean, std,
     count, non-finite values left out) plus the problem counts."""
@@ -252,7 +239,7 @@ def write_results(
     base = out.with_suffix("") if out.suffix else out
     md, js = Path(f"{base}.summary.md"), Path(f"{base}.summary.json")
     atomic_write_bytes(md, summary_markdown(summary).encode())
-    atomic_write_bytes(js, json.dumps(_strict(summary), indent=1, allow_nan=False).encode())
+    atomic_write_bytes(js, M.strict_json(summary))
     return out, md, js
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from bir.data.io import atomic_write_bytes
-from bir.metrics import NONFINITE_SUFFIX, flat_means, summarize_columns
+from bir.metrics import NONFINITE_SUFFIX, flat_means, parse_value, summarize_columns
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -34,11 +34,9 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _num(v):
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+    """A finite number, or None (:func:`bir.metrics.parse_value`)."""
+    x = parse_value(v)
+    return x if x is not None and math.isfinite(x) else None
 
 
 def job_metrics(job: Path, config: dict) -> dict[str, float]:

@@ -35,7 +35,6 @@ import functools
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -48,27 +47,6 @@ from bir import metrics as M
 from bir.data.io import atomic_write_bytes, save_image
 
 log = logging.getLogger(__name__)
-
-
-def _to_jsonable(v):
-    """Tensors, arrays and numbers -> strict-JSON values; every non-finite float -> None."""
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        v = v.item() if v.numel() == 1 else v.tolist()
-    elif isinstance(v, np.ndarray | np.generic):
-        v = v.tolist()
-    if isinstance(v, dict):
-        return {k: _to_jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_to_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _dump(data) -> bytes:
-    """Strict JSON (``allow_nan=False``: never a bare NaN or Infinity)."""
-    return json.dumps(_to_jsonable(data), indent=1, allow_nan=False).encode()
 
 
 def _per_sample(value, i: int):
@@ -164,7 +142,7 @@ class PredictionWriter(BasePredictionWriter):
         """One file under ``skipped/`` per skipped image (counted by :meth:`write_summary`)."""
         atomic_write_bytes(
             self.output_dir / "skipped" / f"{name}.json",
-            _dump({"name": name, "reason": reason, "error": error}),
+            M.strict_json({"name": name, "reason": reason, "error": error}),
         )
 
     def _metrics(self, restored: torch.Tensor, gt: torch.Tensor | None) -> dict:
@@ -211,8 +189,8 @@ class PredictionWriter(BasePredictionWriter):
         )
 
     def _write_curves(self, name: str, curves: dict[str, torch.Tensor]) -> None:
-        data = {k: _to_jsonable(v) for k, v in curves.items()}
-        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", _dump(data))
+        data = {k: M.jsonable(v) for k, v in curves.items()}
+        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", M.strict_json(data))
         if "scale_trajectory" in curves:
             import matplotlib
 
@@ -285,7 +263,7 @@ class PredictionWriter(BasePredictionWriter):
             if gt is not None or self._no_reference:
                 record["metrics"] = self._metrics(img, gt)
             extras = prediction.get("extras", {})
-            record["extras"] = {k: _to_jsonable(_per_sample(v, i)) for k, v in extras.items()}
+            record["extras"] = {k: M.jsonable(_per_sample(v, i)) for k, v in extras.items()}
             if self.save_kernels and prediction.get("kernel") is not None:
                 self._write_kernel(name, prediction["kernel"][i])
             curves = {
@@ -295,8 +273,8 @@ class PredictionWriter(BasePredictionWriter):
             }
             if self.save_curves and curves:
                 self._write_curves(name, curves)
-                record["final_loss"] = _to_jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
-            atomic_write_bytes(self.output_dir / "records" / f"{name}.json", _dump(record))
+                record["final_loss"] = M.jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
+            atomic_write_bytes(self.output_dir / "records" / f"{name}.json", M.strict_json(record))
             save_image(img, self.image_path(name))  # last: marks the image done
             (self.output_dir / "skipped" / f"{name}.json").unlink(missing_ok=True)
             self._log_grid(trainer, batch, restored, i, name)

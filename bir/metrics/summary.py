@@ -19,9 +19,11 @@ counted nor left out: it is not a value. See ``docs/metrics.md``.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,6 +62,28 @@ def record_value(v: float) -> float | str:
     strings ``"inf"``, ``"-inf"``, ``"nan"`` (read back by :func:`parse_value`)."""
     v = float(v)
     return v if math.isfinite(v) else str(v)
+
+
+def jsonable(v):
+    """Tensors, arrays and numbers -> strict-JSON values; every non-finite float -> None (per-image
+    metric values go through :func:`record_value` first, so theirs stay readable)."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu()
+        v = v.item() if v.numel() == 1 else v.tolist()
+    elif isinstance(v, np.ndarray | np.generic):
+        v = v.tolist()
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def strict_json(data) -> bytes:
+    """``data`` as strict JSON (``allow_nan=False``: never a bare NaN or Infinity), UTF-8."""
+    return json.dumps(jsonable(data), indent=1, allow_nan=False).encode()
 
 
 def summarize(values: Iterable) -> dict:
