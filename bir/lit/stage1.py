@@ -233,7 +233,9 @@ class Stage1Restoration(pl.LightningModule):
         if lq.shape == gt.shape:  # the degraded input's PSNR, the bar the restoration must beat
             values["lq_psnr"] = metrics.psnr(lq.float().clamp(0, 1), gt, crop_border=border)
         if self.hparams.lpips_weights:
-            values["lpips"] = metrics.lpips(out, gt, weights_path=self.hparams.lpips_weights)
+            weights = {"lpips_alex": self.hparams.lpips_weights}
+            lpips = metrics.per_image_metric("lpips", weights, config_key="model.lpips_weights")
+            values["lpips"] = lpips(out, gt)
         elif not self._warned_lpips:
             rank_zero_warn("LPIPS skipped: set model.lpips_weights to the AlexNet backbone file")
             self._warned_lpips = True

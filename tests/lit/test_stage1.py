@@ -248,6 +248,16 @@ def test_validation_leaves_infinite_psnr_out_of_the_mean_and_counts_it(tmp_path)
     assert result["val/psnr_nonfinite"] == 0.0 and math.isfinite(result["val/psnr"])
 
 
+def test_validation_lpips_weights_that_are_missing_name_the_model_key(tmp_path):
+    from bir.nets.checkpoints import MissingCheckpointError
+
+    module = make_module(degradation=None, lpips_weights=str(tmp_path / "alex.pth"))
+    with pytest.raises(MissingCheckpointError, match="model.lpips_weights"):
+        trainer(tmp_path, 1, limit_val_batches=None).validate(
+            module, loader(Photos(2, with_lq=True)), verbose=False
+        )
+
+
 class ImageLogger(Logger):
     """Minimal logger with a W&B-style ``log_image``."""
 
