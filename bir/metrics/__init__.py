@@ -19,7 +19,6 @@ the config key to set. Nothing is downloaded at run time.
 - :mod:`~bir.metrics.weights`: the release files of the backbones and their local paths.
 """
 
-from bir.metrics.accumulator import MetricAccumulator
 from bir.metrics.distribution import distribution_metrics
 from bir.metrics.fidelity import psnr, rgb_to_y, ssim
 from bir.metrics.no_reference import NO_REFERENCE_METRICS, NoReferenceIQA
@@ -49,6 +48,17 @@ from bir.metrics.summary import (
     summary_table,
 )
 from bir.metrics.weights import WEIGHT_FILES, default_weights_dir, weights_path
+
+
+def __getattr__(name: str):
+    """``MetricAccumulator`` is imported when first used: torchmetrics takes seconds to import,
+    and ``bir-report`` needs only the summaries."""
+    if name == "MetricAccumulator":
+        from bir.metrics.accumulator import MetricAccumulator
+
+        return MetricAccumulator
+    raise AttributeError(f"module 'bir.metrics' has no attribute {name!r}")
+
 
 __all__ = [
     "DISTRIBUTION",

@@ -7,10 +7,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 from bir.metrics.weights import weights_path
 
