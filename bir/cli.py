@@ -322,18 +322,12 @@ def restore(cfg: DictConfig) -> dict:
 
 
 def summary_means(writer) -> dict[str, float]:
-    """Mean of every per-image metric on disk (what sweepers optimise)."""
-    import math
+    """Mean of every per-image metric on disk (what sweepers optimise), the numbers of
+    ``summary.md``: non-finite values (PSNR of an exact restoration) are left out of the mean and
+    counted as ``<metric>_nonfinite`` (:mod:`bir.metrics.summary`)."""
+    from bir.metrics import flat_means, summarize_columns
 
-    rows = writer.write_summary()
-    means = {}
-    for key in {k for r in rows for k in r} - {"name"}:
-        vals = [
-            r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])
-        ]
-        if vals:
-            means[key] = sum(vals) / len(vals)
-    return means
+    return flat_means(summarize_columns(writer.write_summary()))
 
 
 def degrade(cfg: DictConfig) -> dict[str, int]:
@@ -376,7 +370,8 @@ def train_main(cfg: DictConfig) -> float | None:
 @user_errors("bir-restore")
 def restore_main(cfg: DictConfig) -> float | None:
     result = restore(cfg)
-    # returned for sweepers (e.g. Optuna) that optimise a metric against the ground truth
+    # returned for sweepers (e.g. Optuna) that optimise a metric against the ground truth: the
+    # mean summary.md shows (non-finite values left out and counted, bir.metrics.summary)
     return result.get(cfg.get("optimized_metric", "psnr"))
 
 

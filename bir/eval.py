@@ -7,18 +7,20 @@ Files are matched by stem (relative path without suffix: ``sub/img01.png`` match
 listing every collision, before any work, as in ``bir-restore`` and ``bir-degrade``
 (:func:`bir.data.io.index_by_name`). Unmatched files, size mismatches, unreadable files and
 metrics that fail on an image (SSIM on an image under 11x11) are reported per row and counted in
-the summary; evaluation carries on. The summary JSON is strict (a non-finite value is ``null``). Per-image rows go to ``out`` (CSV), the summary
-(mean, std, count per metric; counts of problems; folder metrics such as FID) to
-``<out stem>.summary.md`` and ``.summary.json`` and is printed as a table.
+the summary; evaluation carries on. Metric names come from the one table
+:data:`bir.metrics.METRICS`. Per-image rows go to ``out`` (CSV; the infinite PSNR of an output
+identical to its ground truth is written ``inf``), the summary (mean, std, count per metric;
+counts of problems; folder metrics such as FID) to ``<out stem>.summary.md`` and
+``.summary.json`` (strict: a non-finite value is ``null``) and is printed as a table. Means leave
+non-finite values out and count them (``nonfinite``), as every bir summary does
+(:mod:`bir.metrics.summary`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from bir.data.io import (
     index_by_name,
     read_image,
 )
+from bir.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +88,6 @@ def _readable_images(paths: Sequence[Path]) -> Iterator[torch.Tensor]:
             yield img
 
 
-def _per_image_metric(
-    name: str, weights: Mapping[str, str | None], crop_border: int, y_channel: bool
-):
-    """A callable ``(x [1,3,H,W], y [1,3,H,W]) -> Tensor[1]`` for a full-reference metric."""
-    if name in ("psnr", "ssim"):
-        fn = getattr(M, name)
-        return lambda x, y: fn(x, y, crop_border=crop_border, y_channel=y_channel)
-    if name == "lpips":
-        return lambda x, y: M.lpips(x, y, net="alex", weights_path=weights.get("lpips_alex"))
-    if name == "lpips_vgg":
-        return lambda x, y: M.lpips(x, y, net="vgg", weights_path=weights.get("lpips_vgg"))
-    if name == "dists":
-        return lambda x, y: M.dists(x, y, weights_path=weights.get("dists"))
-    raise ValueError(f"unknown metric {name!r}")
-
-
 def evaluate_folders(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike | None,
@@ -132,22 +119,16 @@ def evaluate_folders(
         {fid, kid, kid_std}, "counts": {status: n}, ...settings}``.
     """
     weights = dict(weights or {})
-    metrics = list(metrics)
-    known = (
-        set(M.FULL_REFERENCE_METRICS) | set(M.DISTRIBUTION_METRICS) | set(M.NO_REFERENCE_METRICS)
-    )
-    unknown = [m for m in metrics if m not in known]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown}; known: {sorted(known)}")
+    metrics = M.check_metric_names(metrics)
     full_ref = [m for m in metrics if m in M.FULL_REFERENCE_METRICS]
     no_ref = [m for m in metrics if m in M.NO_REFERENCE_METRICS]
     dist = [m for m in metrics if m in M.DISTRIBUTION_METRICS]
     if gt_dir is None and (full_ref or dist):
-        raise ValueError(f"metrics {full_ref + dist} need a ground-truth folder (gt=DIR)")
+        raise UsageError(f"metrics {full_ref + dist} need a ground-truth folder (gt=DIR)")
     device = torch.device(device)
 
-    fr_fns = {m: _per_image_metric(m, weights, crop_border, y_channel) for m in full_ref}
-    nr_models = {m: M.NoReferenceIQA(m, weights.get(m)).to(device) for m in no_ref}
+    fr_fns = {m: M.per_image_metric(m, weights, crop_border, y_channel) for m in full_ref}
+    nr_models = {m: M.per_image_metric(m, weights, device=device) for m in no_ref}
     acc = M.MetricAccumulator(full_ref + no_ref).to(device)
 
     match = match_folders(pred_dir, gt_dir)
@@ -231,37 +212,15 @@ def _score(
         row.update(status="metric_error", error="; ".join(errors))
 
 
-def _strict(v):
-    """Summary values -> strict JSON values (non-finite floats -> None)."""
-    if isinstance(v, dict):
-        return {k: _strict(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_strict(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _fmt(v: float) -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
-
-
 def summary_markdown(summary: dict) -> str:
-    """The summary as a Markdown table (metric, mean, std, count) plus the problem counts."""
-    lines = ["| metric | mean | std | count |", "|---|---|---|---|"]
-    for name, s in summary["metrics"].items():
-        extra = f" (+{s['nonfinite']} non-finite)" if s["nonfinite"] else ""
-        lines.append(f"| {name} | {_fmt(s['mean'])} | {_fmt(s['std'])} | {s['count']}{extra} |")
-    for name, v in summary["distribution"].items():
-        lines.append(f"| {name} | {_fmt(v)} | | |")
+    """The summary as a Markdown table (:func:`bir.metrics.summary_table`: metric, mean, std,
+    count, non-finite values left out) plus the problem counts."""
     counts = ", ".join(f"{k}: {v}" for k, v in summary["counts"].items())
     crop = f"crop_border={summary['crop_border']}, y_channel={summary['y_channel']}"
-    lines += [
-        "",
-        f"files: {counts}",
-        f"pred: {summary['pred_dir']}  gt: {summary['gt_dir']}  {crop}",
-    ]
-    return "\n".join(lines) + "\n"
+    return (
+        M.summary_table(summary["metrics"], summary["distribution"])
+        + f"\nfiles: {counts}\npred: {summary['pred_dir']}  gt: {summary['gt_dir']}  {crop}\n"
+    )
 
 
 def write_results(
@@ -280,7 +239,7 @@ def write_results(
     base = out.with_suffix("") if out.suffix else out
     md, js = Path(f"{base}.summary.md"), Path(f"{base}.summary.json")
     atomic_write_bytes(md, summary_markdown(summary).encode())
-    atomic_write_bytes(js, json.dumps(_strict(summary), indent=1, allow_nan=False).encode())
+    atomic_write_bytes(js, M.strict_json(summary))
     return out, md, js
 
 

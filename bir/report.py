@@ -4,8 +4,10 @@
 
 Every job folder of the sweep holds ``.hydra/overrides.yaml`` (what was swept) and
 ``.hydra/config.yaml``. Metrics come from the job's predict summary (``<output>/metrics.csv``,
-averaged over images) or from its training logs (``csv/metrics.csv``, last logged value of each
-column), whichever exists. Jobs are named by their swept values (``guidance_scale=1000
+averaged over images as ``summary.md`` and the sweeper's value are: non-finite values, such as the
+infinite PSNR of an exact restoration, are left out and counted in ``<metric>_nonfinite``,
+:mod:`bir.metrics.summary`) or from its training logs (``csv/metrics.csv``, last logged value of
+each column), whichever exists. A ``*_nonfinite`` column that is 0 in every job is left out. Jobs are named by their swept values (``guidance_scale=1000
 adaptive_scale=true``). The plot shows each metric that varies against the first numeric swept key,
 one line per setting of the other swept keys (e.g. PSNR against guidance scale, adaptive vs fixed),
 on a log axis when that key spans decades.
@@ -23,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from bir.data.io import atomic_write_bytes
+from bir.metrics import NONFINITE_SUFFIX, flat_means, parse_value, summarize_columns
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -31,15 +34,14 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _num(v):
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+    """A finite number, or None (:func:`bir.metrics.parse_value`)."""
+    x = parse_value(v)
+    return x if x is not None and math.isfinite(x) else None
 
 
 def job_metrics(job: Path, config: dict) -> dict[str, float]:
-    """Mean of each numeric column over images (predict) or last logged values (training)."""
+    """Mean of each numeric column over images (predict, :func:`bir.metrics.summarize_columns`)
+    or last logged values (training)."""
     out: dict[str, float] = {}
     output = config.get("output")
     candidates = [Path(output) / "metrics.csv"] if isinstance(output, str) else []
@@ -47,12 +49,7 @@ def job_metrics(job: Path, config: dict) -> dict[str, float]:
     for path in candidates:
         if path.is_file():
             rows = _read_csv(path)
-            cols = defaultdict(list)
-            for r in rows:
-                for k, v in r.items():
-                    if k != "name" and _num(v) is not None:
-                        cols[k].append(_num(v))
-            out.update({k: sum(v) / len(v) for k, v in cols.items() if v})
+            out.update(flat_means(summarize_columns(rows)))
             out["images"] = float(len(rows))
             return out
     train_csv = job / "csv" / "metrics.csv"
@@ -62,6 +59,18 @@ def job_metrics(job: Path, config: dict) -> dict[str, float]:
                 if _num(v) is not None and k not in ("epoch",):
                     out[k] = _num(v)
     return out
+
+
+def _count_columns(rows: list[dict]) -> None:
+    """``<metric>_nonfinite`` columns: 0 where a job left nothing out; gone when 0 in every job."""
+    keys = {k for r in rows for k in r if k.endswith(NONFINITE_SUFFIX)}
+    for k in keys:
+        if any(r.get(k) for r in rows):
+            for r in rows:
+                r.setdefault(k, 0.0)
+        else:
+            for r in rows:
+                r.pop(k, None)
 
 
 def _job_number(job: Path) -> tuple:
@@ -187,6 +196,7 @@ def report(
     if not rows:
         raise FileNotFoundError(f"no Hydra job folders (.hydra/overrides.yaml) under {sweep_dir}")
     out = Path(out) if out else sweep_dir
+    _count_columns(rows)
     metric_keys = {k for r in rows for k in r if isinstance(r[k], float)}
     override_keys = [k for k in rows[0] if k not in metric_keys and k != "job"]
     override_keys += [
@@ -199,7 +209,8 @@ def report(
         r["job"] = job_label(r, swept, names)
     fixed = constant_columns(rows, [*override_keys, *sorted(metric_keys)])
     varying_metrics = [m for m in sorted(metric_keys) if m not in fixed]
-    chosen = [m for m in (metrics or varying_metrics) if m in metric_keys]
+    plotted = [m for m in varying_metrics if not m.endswith(NONFINITE_SUFFIX)]
+    chosen = [m for m in (metrics or plotted) if m in metric_keys]
 
     csv_columns = ["job", *override_keys, *sorted(metric_keys), "folder"]
     buf = io.StringIO()

@@ -34,3 +34,14 @@ class KillAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
             os._exit(17)
+
+
+class SaveReturn:
+    """A Hydra callback (``+hydra.callbacks.<name>._target_=cli_helpers.SaveReturn``) that writes
+    each job's return value, what a sweeper such as Optuna receives, to ``<job dir>/return.json``."""
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        import json
+
+        out = Path(job_return.hydra_cfg.hydra.runtime.output_dir) / "return.json"
+        out.write_text(json.dumps(job_return.return_value))

@@ -91,6 +91,20 @@ def test_argument_of_the_wrong_type_or_name_is_named(run, folders):
     assert code == USER_ERROR_EXIT and "method: steps='abc' is not a respacing" in err
 
 
+def test_writer_metrics_it_cannot_compute_stop_the_run_with_one_line(run, folders, tmp_path):
+    writer = "callbacks.prediction_writer"
+    code, err = run(
+        restore, "restore", ["method=baseline", f"{writer}.metrics=[psnr,fid]", *folders]
+    )
+    assert code == USER_ERROR_EXIT and "['fid']" in err and "bir-eval" in err
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    args = [f"{writer}.metrics=[lpips]", f"{writer}.weights_dir={empty}"]
+    code, err = run(restore, "restore", ["method=baseline", *args, *folders])
+    assert code == USER_ERROR_EXIT and str(empty / "alexnet-owt-7be5be79.pth") in err
+    assert f"{writer}.weights.lpips_alex" in err
+
+
 def test_unset_input_or_output_comes_first(run, tmp_path):
     code, err = run(restore, "restore", ["method=swinir"])
     assert code == USER_ERROR_EXIT and "input= is required" in err

@@ -15,6 +15,7 @@ from torch import nn
 
 from bir import metrics as M
 from bir.data.io import DuplicateNameError, read_image, save_image
+from bir.errors import UsageError
 from bir.eval import evaluate_folders, match_folders, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +102,10 @@ def test_folder_fid_with_small_feature_extractor(folders, tmp_path):
 
 def test_unknown_metric_and_missing_gt_are_errors(folders):
     pred, _ = folders
-    with pytest.raises(ValueError, match="unknown metrics"):
+    # user errors (bir.errors.UsageError): one line from bir-eval, no traceback
+    with pytest.raises(UsageError, match="unknown metrics"):
         evaluate_folders(pred, pred, metrics=["psnrr"])
-    with pytest.raises(ValueError, match="ground-truth"):
+    with pytest.raises(UsageError, match="ground-truth"):
         evaluate_folders(pred, None, metrics=["psnr"])
 
 
@@ -191,6 +193,23 @@ def test_summary_json_is_strict(tmp_path):
         raise ValueError(f"bare {token} in {js}")
 
     loaded = json.loads(js.read_text(), parse_constant=refuse)
-    assert loaded["metrics"]["psnr"]["mean"] is None  # infinite: not a JSON number
+    assert loaded["metrics"]["psnr"]["mean"] is None  # no finite value: NaN, not a JSON number
     assert loaded["metrics"]["psnr"]["nonfinite"] == 1
     assert loaded["metrics"]["ssim"]["mean"] == pytest.approx(1.0)
+
+
+def test_infinite_psnr_is_kept_per_image_and_left_out_of_the_mean(tmp_path):
+    """bir.metrics.summary's policy: CSV ``inf``, mean over the finite values, count beside it."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    for name, p, g in [("same", 0.5, 0.5), ("a", 0.5, 0.4), ("b", 0.5, 0.3)]:
+        save_image(torch.full((3, 16, 16), p), pred / f"{name}.png")
+        save_image(torch.full((3, 16, 16), g), gt / f"{name}.png")
+    rows, summary = evaluate_folders(pred, gt, metrics=["psnr"])
+    out, md, _ = write_results(rows, summary, tmp_path / "s.csv")
+    with out.open() as f:
+        psnr = {r["name"]: r["psnr"] for r in csv.DictReader(f)}
+    assert psnr["same"] == "inf"
+    finite = [float(psnr["a"]), float(psnr["b"])]
+    s = summary["metrics"]["psnr"]
+    assert s["mean"] == pytest.approx(sum(finite) / 2) and (s["count"], s["nonfinite"]) == (2, 1)
+    assert f"| psnr | {s['mean']:.4f} | {s['std']:.4f} | 2 (+1 non-finite) |" in md.read_text()

@@ -342,3 +342,105 @@ def test_accumulator_reduces_across_two_gloo_ranks(tmp_path):
     assert result["count"] == 10
     assert result["mean"] == pytest.approx(v.mean().item())
     assert result["std"] == pytest.approx(v.std(unbiased=False).item())
+
+
+# ------------------------------------------------------------------- package layout and table
+def test_ssim_window_is_the_one_gaussian_kernel():
+    """SSIM's window is bir.operators.blur.gaussian_kernel: cv2's normalised 1-D window (sigma
+    1.5) times itself, as BasicSR builds it."""
+    from bir.operators.blur import gaussian_kernel
+
+    r = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(r**2) / (2 * 1.5**2))
+    g = g / g.sum()
+    torch.testing.assert_close(
+        gaussian_kernel(11, 1.5, dtype=torch.float64), g[:, None] * g[None, :], rtol=0, atol=1e-15
+    )
+
+
+def test_importing_the_metrics_sets_no_environment_variable():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = "import os, bir.metrics; print(os.environ.get('HF_HUB_OFFLINE'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+
+
+def test_every_metric_name_has_one_kind_and_the_lists_follow_the_table():
+    from bir.metrics import registry as R
+
+    assert set(M.METRICS) == {
+        *M.FULL_REFERENCE_METRICS,
+        *M.DISTRIBUTION_METRICS,
+        *M.NO_REFERENCE_METRICS,
+    }
+    assert {M.METRICS[n].kind for n in M.NO_REFERENCE_METRICS} == {R.NO_REFERENCE}
+    for spec in M.METRICS.values():
+        if spec.backbone:  # its weights key names a WEIGHT_FILES entry of conf/eval.yaml
+            assert M.WEIGHT_FILES[spec.backbone]["key"] == f"weights.{spec.weights_key}"
+    # bir-eval's config sets a file for every weights key of the table, and no other
+    import yaml
+
+    eval_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "eval.yaml").read_text())
+    assert set(eval_cfg["weights"]) == {s.weights_key for s in M.METRICS.values() if s.weights_key}
+
+
+def test_per_image_metric_from_the_table_equals_the_function(alex_file):
+    x = _photo("astronaut", 32)
+    y = _noisy(x)
+    fn = M.per_image_metric("psnr", crop_border=3, y_channel=True)
+    torch.testing.assert_close(fn(y, x), M.psnr(y, x, crop_border=3, y_channel=True))
+    fn = M.per_image_metric("lpips", {"lpips_alex": str(alex_file)})
+    torch.testing.assert_close(fn(y, x), M.lpips(y, x, weights_path=alex_file))
+    # the release file under a weights folder, when no file is configured
+    fn = M.per_image_metric("lpips", weights_dir=alex_file.parent)
+    torch.testing.assert_close(fn(y, x), M.lpips(y, x, weights_path=alex_file))
+
+
+def test_per_image_metric_checks_name_kind_and_weights_before_any_image(tmp_path):
+    from bir.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"unknown metrics \['psnrr'\]; known: \["):
+        M.per_image_metric("psnrr")
+    with pytest.raises(UsageError, match="distribution metrics"):
+        M.per_image_metric("fid")
+    with pytest.raises(MissingCheckpointError, match="weights.lpips_vgg"):
+        M.per_image_metric("lpips_vgg", weights_dir=tmp_path)
+
+
+# ------------------------------------------------------------- the non-finite value policy
+def test_summarize_leaves_non_finite_out_and_counts_it_as_the_accumulator_does():
+    v = _values(2, 6).tolist()
+    values = [v[0], math.inf, v[1], None, "", *v[2:], "inf"]  # None and "" are missing
+    s = M.summarize(values)
+    assert s["count"] == 6 and s["nonfinite"] == 2
+    assert s["mean"] == pytest.approx(float(np.mean(v)), abs=1e-12)
+    assert s["std"] == pytest.approx(float(np.std(v)), abs=1e-9)
+    acc = M.MetricAccumulator(["psnr"])
+    acc.update({"psnr": [*v, math.inf, math.inf]})
+    assert acc.compute()["psnr"] == pytest.approx(s)
+    assert math.isnan(M.summarize([math.inf])["mean"]) and M.summarize([math.inf])["nonfinite"] == 1
+
+
+def test_record_values_round_trip_through_strict_json_and_csv():
+    for v in (math.inf, -math.inf, 31.25):
+        stored = json.loads(json.dumps(M.record_value(v), allow_nan=False))
+        assert M.parse_value(stored) == v and M.parse_value(str(stored)) == v
+    assert math.isnan(M.parse_value(M.record_value(math.nan)))
+    assert M.parse_value(None) is None and M.parse_value("") is None
+
+
+def test_summary_table_and_flat_means_say_what_was_left_out():
+    stats = {"psnr": M.summarize([30.0, 32.0, math.inf]), "ssim": M.summarize([0.5, 0.7])}
+    table = M.summary_table(stats, {"fid": 12.5})
+    assert "| psnr | 31.0000 | 1.0000 | 2 (+1 non-finite) |" in table
+    assert "| ssim | 0.6000 | 0.1000 | 2 |" in table and "| fid | 12.5000 | | |" in table
+    assert "left out" in table
+    assert "left out" not in M.summary_table({"ssim": stats["ssim"]})
+    assert M.flat_means(stats) == pytest.approx({"psnr": 31.0, "psnr_nonfinite": 1.0, "ssim": 0.6})

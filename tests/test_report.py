@@ -100,3 +100,19 @@ def test_report_cli_prints_the_table(tmp_path, capsys):
 def test_report_on_empty_folder_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="overrides.yaml"):
         report(tmp_path)
+
+
+def test_report_leaves_infinite_psnr_out_of_the_mean_and_counts_it(tmp_path):
+    """bir.metrics.summary's policy, as summary.md and the sweeper's value follow it."""
+    _job(tmp_path, "0", ["method.balance=0.1"], [30.0, "inf", 34.0])
+    _job(tmp_path, "1", ["method.balance=0.2"], [28.0, 30.0])
+    rows = {r["job"]: r for r in report(tmp_path, metrics=["psnr"])["rows"]}
+    assert rows["balance=0.1"]["psnr"] == pytest.approx(32.0)
+    assert rows["balance=0.1"]["psnr_nonfinite"] == 1.0
+    assert rows["balance=0.2"]["psnr_nonfinite"] == 0.0
+    assert rows["balance=0.1"]["images"] == 3.0
+    assert "psnr_nonfinite" in (tmp_path / "report.md").read_text()
+    # nothing left out in any job: no count column at all
+    _job(tmp_path / "b", "0", ["method.balance=0.1"], [30.0, 31.0])
+    _job(tmp_path / "b", "1", ["method.balance=0.2"], [28.0, 30.0])
+    assert all("psnr_nonfinite" not in r for r in report(tmp_path / "b")["rows"])

@@ -6,7 +6,7 @@ Layout under ``output_dir`` for an input named ``sub/img``::
     kernels/sub/img.png, .npy   estimated kernel, if the method returns one
     curves/sub/img.json         loss curve / guidance-scale trajectory, if returned
     curves/sub/img_scale.png    plot of the guidance scale over the sampling steps
-    records/sub/img.json        metrics against the ground truth (when given) and extras
+    records/sub/img.json        per-image metrics (against the ground truth when given) and extras
     skipped/sub/img.json        why an image was skipped: its input (or ground truth) could not be
                                 read, or the method's output was not finite (NaN/inf)
     metrics.csv, summary.md     one row per image / mean, std and count per metric, and the
@@ -15,8 +15,12 @@ Layout under ``output_dir`` for an input named ``sub/img``::
 Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
 partial file under a final name, and a restarted run skips images whose output exists and is not
 empty (``bir.data.io.remove_stale_temp_files`` clears temporary files of a killed run before it
-starts). Records are strict JSON: a non-finite number (NaN, or the infinite PSNR of an exact
-restoration) is written as ``null``. One bad image never stops the run: an unreadable input is
+starts). Records are strict JSON: a non-finite metric value (the infinite PSNR of an exact
+restoration) is written as the string ``"inf"``, any other non-finite number as ``null``;
+``metrics.csv`` writes ``inf``, and ``summary.md`` leaves such values out of the mean and counts
+them next to the count (:mod:`bir.metrics.summary`). Metric names come from the one table
+:data:`bir.metrics.METRICS`; a name the writer cannot compute per image (FID, KID) or a
+backbone file that is not there stops the run before any work with one line. One bad image never stops the run: an unreadable input is
 skipped with one warning naming it, a non-finite output is not written (one error line), both are
 recorded under ``skipped/`` and counted in the summary; non-finite outputs make the run fail at
 the end, after every other image is written. Under DDP each rank writes its own images (names are
@@ -31,7 +35,6 @@ import functools
 import io
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -40,30 +43,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from bir import metrics as M
 from bir.data.io import atomic_write_bytes, save_image
 
 log = logging.getLogger(__name__)
-
-
-def _to_jsonable(v):
-    """Tensors, arrays and numbers -> strict-JSON values; every non-finite float -> None."""
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        v = v.item() if v.numel() == 1 else v.tolist()
-    elif isinstance(v, np.ndarray | np.generic):
-        v = v.tolist()
-    if isinstance(v, dict):
-        return {k: _to_jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_to_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _dump(data) -> bytes:
-    """Strict JSON (``allow_nan=False``: never a bare NaN or Infinity)."""
-    return json.dumps(_to_jsonable(data), indent=1, allow_nan=False).encode()
 
 
 def _per_sample(value, i: int):
@@ -80,8 +63,13 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output_dir: where to write.
         image_suffix: file type of restored images (".png").
-        metrics: full-reference metrics computed when the batch carries ``gt``.
+        metrics: per-image metrics (:data:`bir.metrics.METRICS`): full-reference ones when the
+            batch carries ``gt`` (PSNR and SSIM also on the Y channel, as ``psnr_y``,
+            ``ssim_y``), no-reference ones on every output.
         crop_border: pixels cropped from each border before PSNR/SSIM.
+        weights_dir: folder of the metric backbones' release files (``paths.weights``).
+        weights: a file per weights key (``lpips_alex``, ``lpips_vgg``, ``dists``, ``niqe``,
+            ...), used instead of the release file under ``weights_dir``.
         save_kernels / save_curves: write estimated kernels / loss and scale curves.
         log_images: log the first ``log_images`` (LQ | restored | GT) grids to the logger.
     """
@@ -95,6 +83,8 @@ class PredictionWriter(BasePredictionWriter):
         save_kernels: bool = True,
         save_curves: bool = True,
         log_images: int = 8,
+        weights_dir: str | os.PathLike | None = None,
+        weights: dict[str, str | None] | None = None,
     ):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
@@ -105,8 +95,26 @@ class PredictionWriter(BasePredictionWriter):
         self.failed: list[str] = []  # names whose output was not finite (this run)
         self.unreadable: dict[str, str] = {}  # names whose input could not be read (this run)
         self._logged = 0
-        self._table_rows: list[dict] = []
         self._metric_warned: set[str] = set()
+        self._metric_fns = self._build_metrics(dict(weights or {}), weights_dir)
+        self._no_reference = any(not full_ref for full_ref, _ in self._metric_fns.values())
+
+    def _build_metrics(self, weights: dict, weights_dir) -> dict[str, tuple[bool, object]]:
+        """Column name -> (needs gt, per-image function), every weights file checked now."""
+        kinds = (M.FULL_REFERENCE, M.NO_REFERENCE)
+        fns = {}
+        for name in M.check_metric_names(self.metrics, "metrics", kinds):
+            full_ref = M.METRICS[name].kind == M.FULL_REFERENCE
+            key = M.METRICS[name].weights_key
+            config_key = f"callbacks.prediction_writer.weights.{key}" if key else None
+            fn = M.per_image_metric(
+                name, weights, self.crop_border, weights_dir=weights_dir, config_key=config_key
+            )
+            fns[name] = (full_ref, fn)
+            if name in ("psnr", "ssim"):
+                y_fn = M.per_image_metric(name, crop_border=self.crop_border, y_channel=True)
+                fns[f"{name}_y"] = (True, y_fn)
+        return fns
 
     # -- helpers -------------------------------------------------------------------------------
     def image_path(self, name: str) -> Path:
@@ -134,35 +142,34 @@ class PredictionWriter(BasePredictionWriter):
         """One file under ``skipped/`` per skipped image (counted by :meth:`write_summary`)."""
         atomic_write_bytes(
             self.output_dir / "skipped" / f"{name}.json",
-            _dump({"name": name, "reason": reason, "error": error}),
+            M.strict_json({"name": name, "reason": reason, "error": error}),
         )
 
-    def _metrics(self, restored: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
-        from bir import metrics as M
-
-        if restored.shape != gt.shape:
+    def _metrics(self, restored: torch.Tensor, gt: torch.Tensor | None) -> dict:
+        """Per-image values for the record (non-finite ones as strings, see the module doc); a
+        metric that fails on this image (SSIM under 11x11 px, LPIPS under 32x32) is left out
+        with one warning per metric."""
+        if gt is not None and restored.shape != gt.shape:
             log.warning(
-                "ground truth %s differs in size from output %s; no metrics",
+                "ground truth %s differs in size from output %s; no full-reference metrics",
                 tuple(gt.shape),
                 tuple(restored.shape),
             )
-            return {}
+            gt = None
         out = {}
-        x, y = restored[None].float(), gt[None].float().to(restored.device)
-        for name in self.metrics:
+        x = restored[None].float()
+        y = None if gt is None else gt[None].float().to(restored.device)
+        for name, (full_ref, fn) in self._metric_fns.items():
+            if full_ref and y is None:
+                continue
             try:
-                if name in ("psnr", "ssim"):
-                    fn = getattr(M, name)
-                    out[name] = float(fn(x, y, crop_border=self.crop_border)[0])
-                    out[f"{name}_y"] = float(
-                        fn(x, y, crop_border=self.crop_border, y_channel=True)[0]
-                    )
-                else:
-                    out[name] = float(getattr(M, name)(x, y)[0])
-            except (ValueError, FileNotFoundError, AttributeError) as err:
+                value = fn(x, y) if full_ref else fn(x)
+            except (ValueError, RuntimeError) as err:  # this image (too small), as bir-eval
                 if name not in self._metric_warned:
                     self._metric_warned.add(name)
                     log.warning("metric %s skipped: %s", name, err)
+                continue
+            out[name] = M.record_value(value[0])
         return out
 
     def _write_kernel(self, name: str, kernel: torch.Tensor) -> None:
@@ -182,8 +189,8 @@ class PredictionWriter(BasePredictionWriter):
         )
 
     def _write_curves(self, name: str, curves: dict[str, torch.Tensor]) -> None:
-        data = {k: _to_jsonable(v) for k, v in curves.items()}
-        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", _dump(data))
+        data = {k: M.jsonable(v) for k, v in curves.items()}
+        atomic_write_bytes(self.output_dir / "curves" / f"{name}.json", M.strict_json(data))
         if "scale_trajectory" in curves:
             import matplotlib
 
@@ -252,10 +259,11 @@ class PredictionWriter(BasePredictionWriter):
                 )
                 continue
             record: dict = {"name": name}
-            if "gt" in batch and self.metrics:
-                record["metrics"] = self._metrics(img, batch["gt"][i])
+            gt = batch["gt"][i] if "gt" in batch else None
+            if gt is not None or self._no_reference:
+                record["metrics"] = self._metrics(img, gt)
             extras = prediction.get("extras", {})
-            record["extras"] = {k: _to_jsonable(_per_sample(v, i)) for k, v in extras.items()}
+            record["extras"] = {k: M.jsonable(_per_sample(v, i)) for k, v in extras.items()}
             if self.save_kernels and prediction.get("kernel") is not None:
                 self._write_kernel(name, prediction["kernel"][i])
             curves = {
@@ -265,11 +273,10 @@ class PredictionWriter(BasePredictionWriter):
             }
             if self.save_curves and curves:
                 self._write_curves(name, curves)
-                record["final_loss"] = _to_jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
-            atomic_write_bytes(self.output_dir / "records" / f"{name}.json", _dump(record))
+                record["final_loss"] = M.jsonable(curves.get("loss_curve", torch.zeros(1))[-1])
+            atomic_write_bytes(self.output_dir / "records" / f"{name}.json", M.strict_json(record))
             save_image(img, self.image_path(name))  # last: marks the image done
             (self.output_dir / "skipped" / f"{name}.json").unlink(missing_ok=True)
-            self._table_rows.append({"name": name, **record.get("metrics", {})})
             self._log_grid(trainer, batch, restored, i, name)
 
     def _log_grid(self, trainer, batch, restored, i, name) -> None:
@@ -319,7 +326,9 @@ class PredictionWriter(BasePredictionWriter):
     def write_summary(self) -> list[dict]:
         """Build metrics.csv and summary.md from every record on disk; returns the rows.
 
-        The summary ends with the skipped images (unreadable input, non-finite output), by reason.
+        The table is :func:`bir.metrics.summary_table` of :func:`bir.metrics.summarize_columns`
+        of the rows (the values ``bir-restore`` returns to sweepers come from the same rows). The
+        summary ends with the skipped images (unreadable input, non-finite output), by reason.
         """
         skipped = self.skipped_names()
         rows = []
@@ -342,12 +351,9 @@ class PredictionWriter(BasePredictionWriter):
         writer.writerows(rows)
         atomic_write_bytes(self.output_dir / "metrics.csv", buf.getvalue().encode())
         lines = []
-        for c in cols[1:]:
-            vals = np.array([r[c] for r in rows if r.get(c) is not None], dtype=np.float64)
-            if len(vals):
-                lines.append(f"| {c} | {vals.mean():.4f} | {vals.std():.4f} | {len(vals)} |")
-        if lines:  # no metric (no gt=): no table, not an empty one
-            lines = ["| metric | mean | std | count |", "|---|---|---|---|", *lines, ""]
+        stats = M.summarize_columns(rows)
+        if stats:  # no metric (no gt=): no table, not an empty one
+            lines = [M.summary_table(stats)]
         lines.append(f"{len(rows)} images; output in {self.output_dir}")
         if skipped:
             reasons: dict[str, list[str]] = {}

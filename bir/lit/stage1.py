@@ -218,15 +218,26 @@ class Stage1Restoration(pl.LightningModule):
         if lq.shape == gt.shape:  # the degraded input's PSNR, the bar the restoration must beat
             values["lq_psnr"] = metrics.psnr(lq.float().clamp(0, 1), gt, crop_border=border)
         if self.hparams.lpips_weights:
-            values["lpips"] = metrics.lpips(out, gt, weights_path=self.hparams.lpips_weights)
+            weights = {"lpips_alex": self.hparams.lpips_weights}
+            lpips = metrics.per_image_metric("lpips", weights, config_key="model.lpips_weights")
+            values["lpips"] = lpips(out, gt)
         elif not self._warned_lpips:
             rank_zero_warn("LPIPS skipped: set model.lpips_weights to the AlexNet backbone file")
             self._warned_lpips = True
         b = gt.shape[0]
         for name, value in values.items():
-            # identical images give psnr = inf; cap so a mean stays finite
-            value = value.float().nan_to_num(posinf=100.0)
-            self.log(f"{prefix}/{name}", value.mean(), sync_dist=True, batch_size=b)
+            # bir.metrics.summary's policy: the mean over finite values (an identical image's
+            # PSNR is inf), weighted by their number, and the number left out beside it
+            finite, nonfinite = metrics.split_finite(value.float())
+            mean = finite.mean() if finite.numel() else finite.new_zeros(())  # weight 0
+            self.log(f"{prefix}/{name}", mean, sync_dist=True, batch_size=finite.numel())
+            self.log(
+                f"{prefix}/{name}{metrics.NONFINITE_SUFFIX}",
+                float(nonfinite),
+                sync_dist=True,
+                reduce_fx="sum",
+                batch_size=b,
+            )
         if batch_idx == 0:
             self.log_grid(f"{prefix}/images", lq, out, gt)
         return values

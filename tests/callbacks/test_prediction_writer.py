@@ -190,8 +190,67 @@ def test_records_and_curves_are_strict_json(tmp_path):
     (tmp_path / "gt").symlink_to(tmp_path / "in")  # gt = input: PSNR is +inf
     _run(tmp_path, IdentityModule(), PredictionWriter(tmp_path / "out", save_curves=False))
     rec = _strict_json(tmp_path / "out" / "records" / "img0.json")
-    assert rec["metrics"]["psnr"] is None and rec["metrics"]["ssim"] == pytest.approx(1.0)
+    # the infinite PSNR stays readable as such (bir.metrics.summary): "inf", not null
+    assert rec["metrics"]["psnr"] == "inf" and rec["metrics"]["ssim"] == pytest.approx(1.0)
     assert rec["extras"] == {"nan": None, "ok": 1.0, "pair": [None, 1.0]}
     _inputs(tmp_path / "second")
     _run(tmp_path / "second", HalfModule(nan_names=()), PredictionWriter(tmp_path / "o2"))
     assert _strict_json(tmp_path / "o2" / "curves" / "img0.json")["loss_curve"][0] == 1.0
+
+
+def _alexnet_features(path):
+    """A random torchvision AlexNet ``features.*`` state dict saved as the release would be."""
+    import torchvision
+
+    torch.manual_seed(1)
+    state = torchvision.models.alexnet().state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["weights", "weights_dir"])
+def test_lpips_uses_the_configured_weights_file(tmp_path, how):
+    from bir import metrics as M
+
+    for k in range(2):  # AlexNet needs at least 32 x 32 px
+        save_image(torch.rand(3, 32, 32), tmp_path / "in" / f"img{k}.png")
+        save_image(torch.rand(3, 32, 32), tmp_path / "gt" / f"img{k}.png")
+    alex = _alexnet_features(tmp_path / "w" / "alexnet-owt-7be5be79.pth")
+    where = (
+        {"weights": {"lpips_alex": str(alex)}} if how == "weights" else {"weights_dir": alex.parent}
+    )
+    w = PredictionWriter(tmp_path / "out", metrics=("psnr", "lpips"), save_curves=False, **where)
+    _run(tmp_path, HalfModule(), w)
+    for k in range(2):
+        rec = json.loads((tmp_path / "out" / "records" / f"img{k}.json").read_text())
+        lq = read_image(tmp_path / "in" / f"img{k}.png")
+        gt = read_image(tmp_path / "gt" / f"img{k}.png")
+        expected = M.lpips((lq / 2)[None], gt[None], weights_path=alex).item()
+        assert rec["metrics"]["lpips"] == pytest.approx(expected, rel=1e-5)
+        assert set(rec["metrics"]) == {"psnr", "psnr_y", "lpips"}
+    assert "| lpips |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_metrics_the_writer_cannot_compute_fail_before_any_work(tmp_path):
+    from bir.errors import UsageError
+    from bir.nets.checkpoints import MissingCheckpointError
+
+    with pytest.raises(UsageError, match=r"\['fid'\] are distribution metrics.*bir-eval"):
+        PredictionWriter(tmp_path / "out", metrics=("psnr", "fid"))
+    with pytest.raises(UsageError, match="unknown metrics"):
+        PredictionWriter(tmp_path / "out", metrics=("psnrr",))
+    with pytest.raises(MissingCheckpointError, match="prediction_writer.weights.dists"):
+        PredictionWriter(tmp_path / "out", metrics=("dists",), weights_dir=tmp_path / "none")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_metric_failing_on_one_image_leaves_the_others(tmp_path, caplog):
+    """SSIM needs 11x11 px: on 8x8 images it is left out with one warning, PSNR is kept."""
+    for k in range(2):
+        save_image(torch.full((3, 8, 8), 0.2 * (k + 1)), tmp_path / "in" / f"img{k}.png")
+        save_image(torch.full((3, 8, 8), 0.1 * (k + 1)), tmp_path / "gt" / f"img{k}.png")
+    _run(tmp_path, HalfModule(), PredictionWriter(tmp_path / "out", save_curves=False))
+    rec = json.loads((tmp_path / "out" / "records" / "img1.json").read_text())
+    assert set(rec["metrics"]) == {"psnr", "psnr_y"}
+    assert sum("metric ssim skipped" in r.getMessage() for r in caplog.records) == 1

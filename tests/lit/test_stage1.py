@@ -268,6 +268,38 @@ def test_paired_validation_uses_the_given_lq(tmp_path):
     )
 
 
+class PartlyExact(Photos):
+    """Paired images whose LQ equals the GT for the first two (their LQ PSNR is inf)."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        item["lq"] = self.gt[i] if i < 2 else self.gt[i] * 0.5
+        return item
+
+
+def test_validation_leaves_infinite_psnr_out_of_the_mean_and_counts_it(tmp_path):
+    """bir.metrics.summary's policy: the first batch has only identical pairs (weight 0)."""
+    module = make_module(degradation=None)
+    result = trainer(tmp_path, 1, limit_val_batches=None).validate(
+        module, loader(PartlyExact(4)), verbose=False
+    )[0]
+    gt = Photos(4).gt
+    finite = metrics.psnr(gt[2:] * 0.5, gt[2:]).float()
+    assert result["val/lq_psnr"] == pytest.approx(finite.mean().item(), rel=1e-5)
+    assert result["val/lq_psnr_nonfinite"] == 2.0
+    assert result["val/psnr_nonfinite"] == 0.0 and math.isfinite(result["val/psnr"])
+
+
+def test_validation_lpips_weights_that_are_missing_name_the_model_key(tmp_path):
+    from bir.nets.checkpoints import MissingCheckpointError
+
+    module = make_module(degradation=None, lpips_weights=str(tmp_path / "alex.pth"))
+    with pytest.raises(MissingCheckpointError, match="model.lpips_weights"):
+        trainer(tmp_path, 1, limit_val_batches=None).validate(
+            module, loader(Photos(2, with_lq=True)), verbose=False
+        )
+
+
 class ImageLogger(Logger):
     """Minimal logger with a W&B-style ``log_image``."""
 
