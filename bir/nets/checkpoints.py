@@ -84,7 +84,8 @@ def stored_net_config(path: str | os.PathLike | None) -> dict | None:
     if path.suffix == ".safetensors" or not path.is_file():
         return None
     try:
-        obj = _read_file(path, mmap=True)  # the tensors stay on disk: only the config is read
+        # the tensors stay on disk; a file trusted to unpickle in full is read only for weights
+        obj = _read_file(path, mmap=True, full_if_trusted=False)
     except Exception:
         return None
     found = obj.get(NET_CONFIG_KEY) if isinstance(obj, Mapping) else None
@@ -208,14 +209,15 @@ def _refused_global(err: Exception) -> str | None:
     return match.group(1) if match else None
 
 
-def _read_file(path: Path, mmap: bool = False) -> object:
-    """Read a weights file without running code from it (safetensors, or ``weights_only``);
-    ``mmap`` leaves the tensors on disk (zip-format files only)."""
+def _read_file(path: Path, mmap: bool = False, full_if_trusted: bool = True) -> object:
+    """Read a weights file without running code from it (safetensors, or ``weights_only``),
+    unless the user trusted it (``full_if_trusted``); ``mmap`` leaves the tensors on disk
+    (zip-format files only)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    if path.resolve() in _TRUSTED:
+    if full_if_trusted and path.resolve() in _TRUSTED:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals([*_STAND_INS, *_numpy_globals()]):
