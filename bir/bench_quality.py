@@ -319,30 +319,23 @@ SETTINGS = ("quick", "released")
 
 # ------------------------------------------------------------------------------------------
 def load_prior(ckpt: Path, size: int):
-    """The pixel prior in ``ckpt``: its network from the config bir stored in the checkpoint
-    (the sample prior's when there is none), run on whole ``size``-px images."""
+    """The pixel prior in ``ckpt``: prior=samples with the network bir stored in the checkpoint
+    (as ``bir-restore prior=samples prior.ckpt_path=...`` builds it), run on whole ``size``-px
+    images."""
     import hydra
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from bir.diffusion.prior import PixelPrior
-    from bir.nets.checkpoints import stored_net_config
+    from bir.callbacks.net_config import use_stored_net_configs
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("restore", overrides=["prior=samples", "input=-", "output=-"])
-    stored = stored_net_config(ckpt)
-    net_cfg = OmegaConf.create(stored["config"]) if stored else cfg.prior.net
-    net = hydra.utils.instantiate(net_cfg)
+    cfg.prior.ckpt_path = str(ckpt)
     # image_size = the benchmark's size: the nets are convolutional, so the whole image goes
     # through the network (no patch grid, which would cost 9 network calls per step at 128 px)
-    return PixelPrior(
-        net,
-        str(ckpt),
-        dict(cfg.prior.schedule),
-        learned_sigma=True,
-        image_size=size,
-        checkpoint_what="pixel prior",
-    )
+    cfg.prior.image_size = size
+    cfg.prior.checkpoint_what = "pixel prior"
+    use_stored_net_configs(cfg)
+    return hydra.utils.instantiate(cfg.prior)
 
 
 def ensure_prior(path: str | None, budget_steps: int) -> Path:

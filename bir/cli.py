@@ -303,6 +303,11 @@ def restore(cfg: DictConfig) -> dict:
         log.info("nothing to restore: every output in %s exists", cfg.output)
         counts.update(summary_means(writer))
         return counts
+    from bir.callbacks.net_config import use_stored_net_configs
+
+    # a checkpoint bir trained builds its own network, unless the command line chooses one
+    hc = hydra.core.hydra_config.HydraConfig
+    use_stored_net_configs(cfg, list(hc.get().overrides.task) if hc.initialized() else [])
     model = hydra.utils.instantiate(cfg.method)
     logger = instantiate_logger(cfg.get("logger"), cfg)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)

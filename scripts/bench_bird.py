@@ -126,7 +126,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     net, net_name, learned_sigma = make_net()
-    prior = PixelPrior(net, None, learned_sigma=learned_sigma, image_size=args.size).to(device)
+    prior = PixelPrior(net, learned_sigma=learned_sigma, image_size=args.size).to(device)
     print(
         f"device {device}, prior {net_name}, {args.size}px, {args.iterations} iterations, "
         f"delta_t {args.delta_t}, kernel MLP {args.kernel_size}"

@@ -25,22 +25,9 @@ from bir.nets.checkpoints import (
     common_prefixes,
     compare_state_dict,
     load_checkpoint,
-    select_prefix,
+    net_weights,
     strip_prefix,
     trust_pickle_files,
-)
-
-# Prefixes under which released checkpoints nest the networks bir builds.
-KNOWN_PREFIXES = (
-    "model.diffusion_model.",
-    "first_stage_model.",
-    "cond_stage_model.",
-    "control_model.",
-    "ema_net.",
-    "net.",
-    "model.",
-    "module.",
-    "",
 )
 
 
@@ -114,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.device("meta"):
         module = instantiate(OmegaConf.load(args.net))
-    own_keys = module.state_dict().keys()
-    if args.prefix == "auto":
-        sub = select_prefix(state, KNOWN_PREFIXES, own_keys)
+    if args.prefix == "auto":  # where bir's loaders look: the class's prefixes, then wrappers
+        sub = net_weights(module, state)
     else:
         sub = strip_prefix(state, args.prefix)
     missing, unexpected, mismatched = compare_state_dict(module, sub)

@@ -159,3 +159,47 @@ def test_wandb_offline_logs_config_git_images_and_table(tmp_path):
         assert needle in blob, needle
     media = list(runs[0].parent.glob("files/media/images/predict/*.png"))
     assert len(media) == 2
+
+
+def _train(args: list[str], cwd: Path) -> Path:
+    """``bir-train`` for one step without validation; the run's last.ckpt."""
+    fast = ["trainer.max_steps=1", "data.val=null", "trainer.val_check_interval=null"]
+    fast += ["trainer.check_val_every_n_epoch=null", "callbacks.model_checkpoint.monitor=null"]
+    proc = run_cli("bir-train", [*args, *fast, "run_name=r", "logger=none"], cwd, timeout=600)
+    assert proc.returncode == 0
+    return next((cwd / "outputs").glob("*/r/checkpoints/last.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["stage2", "prior"])
+def test_restore_a_bir_checkpoint_with_nothing_but_its_path(tmp_path, kind):
+    """A stage-2 ControlNet and a pixel prior that bir trained (each with a network other than
+    the restore config's default) restore with only their checkpoint's path; the images equal
+    those restored with the network given explicitly, as before."""
+    if kind == "stage2":
+        ckpt = _train(["experiment=diffbir_stage2_tiny"], tmp_path)
+        restore = ["method=diffbir", f"method.controlldm.control_ckpt_path={ckpt}"]
+        restore += ["net@method.stage1=swinir_tiny", "method.stage1_ckpt_path=null"]
+        restore += ["method.steps=2"]
+        explicit = ["net@method.controlldm=controlnet_tiny"]
+        node, size = "method.controlldm", 16
+    else:
+        net = ["model_channels=64", "channel_mult=[1,2]", "attention_resolutions=[2]"]
+        train = ["experiment=prior_samples", "data.batch_size=2", "data.train.crop_size=32"]
+        train += ["model.sample_every_n_steps=0", "model.image_size=32"]
+        ckpt = _train([*train, *(f"net.{a}" for a in net)], tmp_path)
+        restore = ["method=gdp", "operator=gaussian_blur_known", "method.steps=2"]
+        restore += ["prior=samples", f"prior.ckpt_path={ckpt}", "prior.image_size=32"]
+        explicit = [f"prior.net.{a}" for a in net]
+        node, size = "prior.net", 32
+    save_image(torch.rand(3, size, size), tmp_path / "in" / "a.png")
+    common = [*restore, f"input={tmp_path / 'in'}", "logger=none", "callbacks.progress_bar=null"]
+    proc = run_cli("bir-restore", [*common, f"output={tmp_path / 'stored'}"], tmp_path)
+    assert proc.returncode == 0
+    assert f"{node}: the network stored in {ckpt}" in proc.stdout + proc.stderr
+    proc = run_cli("bir-restore", [*common, *explicit, f"output={tmp_path / 'given'}"], tmp_path)
+    assert proc.returncode == 0
+    assert f"{node}: the network of this run's config and overrides" in proc.stdout + proc.stderr
+    out = read_image(tmp_path / "stored" / "a.png")
+    assert out.shape == (3, size, size)
+    assert torch.equal(out, read_image(tmp_path / "given" / "a.png"))

@@ -142,16 +142,23 @@ def test_train_one_step_quickstart(tmp_path):
     assert (run / ".hydra" / "config.yaml").exists() and (run / "bir-train.log").exists()
     assert (tmp_path / ".cache" / "samples" / "train").is_dir()  # data under the launch folder
 
-    # the checkpoint says which net it holds: restoring it with another net names the fix
+    # the checkpoint says which net it holds: restoring it needs nothing but its path
     stored = ckpt["bir_net"]
     assert stored["choice"] == "swinir_tiny" and stored["overrides"]["embed_dim"] == 24
     (tmp_path / "in").mkdir()
     save_image(torch.rand(3, 16, 16), tmp_path / "in" / "a.png")
     restore = ["method=swinir", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "logger=none"]
-    restore += [f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}"]
-    proc = run_script("bir-restore", restore, tmp_path)
+    restore += [f"input={tmp_path / 'in'}"]
+    proc = run_script("bir-restore", [*restore, f"output={tmp_path / 'out'}"], tmp_path)
+    assert proc.returncode == 0
+    assert "method.net: the network stored in" in proc.stdout + proc.stderr
+    # an explicit net wins: the wrong one names the fix, the fix restores the same image
+    wrong = [*restore, f"output={tmp_path / 'out2'}", "net@method.net=swinir_tiny"]
+    proc = run_script("bir-restore", wrong, tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     fix = proc.stderr.split("fix: add these overrides: ")[1].split()
     assert fix[0] == "net@method.net=swinir_tiny" and "method.net.embed_dim=24" in fix
-    assert run_script("bir-restore", restore + fix, tmp_path).returncode == 0
-    assert read_image(tmp_path / "out" / "a.png").shape == (3, 16, 16)
+    proc = run_script("bir-restore", [*restore, f"output={tmp_path / 'out2'}", *fix], tmp_path)
+    assert proc.returncode == 0 and "this run's config and overrides" in proc.stdout + proc.stderr
+    out = read_image(tmp_path / "out" / "a.png")
+    assert out.shape == (3, 16, 16) and torch.equal(out, read_image(tmp_path / "out2" / "a.png"))

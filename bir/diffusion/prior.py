@@ -1,4 +1,8 @@
-"""A frozen pixel-space diffusion prior: a network, its weights and its training schedule."""
+"""A frozen pixel-space diffusion prior: a loaded network and its training schedule.
+
+The prior receives its network with the weights in it: loading a file is
+:func:`bir.lit.pixel_ddpm.load_pixel_prior`'s business (the ``prior=...`` configs' target).
+"""
 
 from __future__ import annotations
 
@@ -6,39 +10,30 @@ import torch
 from torch import nn
 
 from bir.diffusion.schedules import make_betas, rescale_zero_terminal_snr
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
-
-# Where the weights can sit inside a checkpoint, most preferred first: bir's PixelDDPM stores the
-# EMA copy under "ema_net." next to the trained "net."; DataParallel files use "module.".
-PRIOR_PREFIXES = ("ema_net.", "net_ema.", "ema.", "net.", "model.", "module.", "")
 
 
 class PixelPrior(nn.Module):
     """A pretrained unconditional pixel diffusion model, frozen.
 
     Args:
-        net: the network, called as ``net(x_t, t)`` with x_t in [-1, 1] and original timesteps t;
-            returns ``[B, C, H, W]`` (eps) or ``[B, 2C, H, W]`` (eps and learned-range variance
-            values in [-1, 1], as ADM) when ``learned_sigma``.
-        ckpt_path: local weights file; ``None`` keeps the random initialisation (tests only).
+        net: the network with its weights, called as ``net(x_t, t)`` with x_t in [-1, 1] and
+            original timesteps t; returns ``[B, C, H, W]`` (eps) or ``[B, 2C, H, W]`` (eps and
+            learned-range variance values in [-1, 1], as ADM) when ``learned_sigma``.
         schedule: training schedule of the prior: ``kind``, ``T``, ``beta_start``, ``beta_end``,
             optional ``zero_terminal_snr``.
         learned_sigma: whether the net outputs variance channels.
         image_size: the resolution the prior was trained at (patch size for large images).
-        checkpoint_what / checkpoint_url / checkpoint_key: used in the error when the file is missing.
+        channels: image channels.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        ckpt_path: str | None = None,
+        *,
         schedule: dict | None = None,
         learned_sigma: bool = True,
         image_size: int = 256,
         channels: int = 3,
-        checkpoint_what: str = "diffusion prior",
-        checkpoint_url: str | None = None,
-        checkpoint_key: str = "prior.ckpt_path",
     ):
         super().__init__()
         self.net = net
@@ -51,13 +46,6 @@ class PixelPrior(nn.Module):
         if sched.get("zero_terminal_snr", False):
             betas = rescale_zero_terminal_snr(betas)
         self.register_buffer("betas", betas, persistent=False)
-        if ckpt_path is not None:
-            state = load_checkpoint(
-                ckpt_path, what=checkpoint_what, url=checkpoint_url, config_key=checkpoint_key
-            )
-            state = select_prefix(state, PRIOR_PREFIXES, net.state_dict().keys())
-            name = f"{checkpoint_what} ({ckpt_path})"
-            load_state_dict_checked(net, state, name=name, source=ckpt_path, net_key="prior.net")
         self.net.eval()
         self.net.requires_grad_(False)
 

@@ -1,10 +1,10 @@
 """Training an unconditional pixel-space diffusion prior (DDPM / IDDPM / ADM recipe).
 
-Checkpoint layout (what :class:`bir.diffusion.prior.PixelPrior` loads): the Lightning
-``state_dict`` holds the trained network under ``net.*`` and its exponential moving average under
-``ema_net.*`` (plus the scalar buffer ``ema_updates``; the update rule is :mod:`bir.lit.ema`).
-``PixelPrior`` prefers ``ema_net.``, so a ``last.ckpt`` of this module is a prior checkpoint as it
-stands.
+Checkpoint layout (what :func:`load_pixel_prior`, the ``prior=...`` configs' target, loads): the
+Lightning ``state_dict`` holds the trained network under ``net.*`` and its exponential moving
+average under ``ema_net.*`` (plus the scalar buffer ``ema_updates``; the update rule is
+:mod:`bir.lit.ema`). The loader prefers ``ema_net.``, so a ``last.ckpt`` of this module is a prior
+checkpoint as it stands.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from torch import nn
 
 from bir.callbacks.images import log_grid
 from bir.diffusion.parameterization import DiffusionModel, convert_output
+from bir.diffusion.prior import PixelPrior
 from bir.diffusion.samplers import sample_ddpm
 from bir.diffusion.schedules import DiffusionSchedule, space_timesteps
 from bir.lit.ema import decay_at, ema_copy, update_ema
 from bir.lit.hparams import save_plain_hyperparameters
+from bir.nets.checkpoints import load_net
 from bir.random import rand, randn, sample_generators
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,42 @@ Tensor = torch.Tensor
 
 # independent random streams (bir.random) for the draws of this module
 _STREAM_T, _STREAM_NOISE, _STREAM_SAMPLE_X, _STREAM_SAMPLE_Z = 11, 12, 13, 14
+
+
+def load_pixel_prior(
+    net: nn.Module,
+    ckpt_path: str | None = None,
+    schedule: dict | None = None,
+    learned_sigma: bool = True,
+    image_size: int = 256,
+    channels: int = 3,
+    checkpoint_what: str = "diffusion prior",
+    checkpoint_url: str | None = None,
+    checkpoint_key: str = "prior.ckpt_path",
+) -> PixelPrior:
+    """A :class:`~bir.diffusion.prior.PixelPrior` of ``net`` loaded strictly from ``ckpt_path``
+    (``None`` keeps the random initialisation: tests and smoke runs).
+
+    The file may be a released prior (guided-diffusion, DDPM; bare or ``module.``), or a
+    checkpoint of :class:`PixelDDPM`, whose EMA net is used. ``checkpoint_what`` /
+    ``checkpoint_url`` / ``checkpoint_key`` word the error when the file is missing; the other
+    arguments are the prior's.
+    """
+    load_net(
+        net,
+        ckpt_path,
+        what=checkpoint_what,
+        url=checkpoint_url,
+        config_key=checkpoint_key,
+        net_key="prior.net",
+    )
+    return PixelPrior(
+        net,
+        schedule=schedule,
+        learned_sigma=learned_sigma,
+        image_size=image_size,
+        channels=channels,
+    )
 
 
 def mean_flat(x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from bir.callbacks.images import comparison_grid, image_loggers, log_grid
 from bir.lit.hparams import save_plain_hyperparameters
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
+from bir.nets.checkpoints import load_net, missing_checkpoint_error
 from bir.random import sample_generators
 from bir.tiling import tiled_apply
 
@@ -31,8 +31,6 @@ VAL_DEGRADATION_STREAM = 12
 #: training seeds use index + global_step * STEP_STRIDE: fresh per step, never colliding with a
 #: neighbouring sample's seed for datasets below a billion (virtual) samples
 STEP_STRIDE = 1_000_000_000
-#: prefixes a stage-1 network can sit under in a checkpoint (our Lightning module first)
-PREDICT_CHECKPOINT_PREFIXES = ("net.", "", "model.", "module.", "ema.", "net_ema.")
 
 
 def cosine_with_warmup(
@@ -118,11 +116,9 @@ class Stage1Restoration(pl.LightningModule):
         bare SwinIR state dict. ``net_key`` is the config node that builds ``net`` (named in the
         error, with the overrides that fit, when the checkpoint holds another network).
         """
-        state = load_checkpoint(ckpt_path, what="stage-1 restoration", config_key=config_key)
-        state = select_prefix(state, PREDICT_CHECKPOINT_PREFIXES, net.state_dict().keys())
-        load_state_dict_checked(
-            net, state, name=type(net).__name__, source=ckpt_path, net_key=net_key
-        )
+        if ckpt_path is None:  # load_net keeps the weights for None: a restore needs a file
+            raise missing_checkpoint_error(None, "stage-1 restoration", config_key=config_key)
+        load_net(net, ckpt_path, config_key=config_key, net_key=net_key)
         module = cls(net, tile_size=tile_size, tile_overlap=tile_overlap, tile_weight=tile_weight)
         return module.eval()
 

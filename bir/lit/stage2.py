@@ -27,11 +27,8 @@ from bir.diffusion.schedules import DiffusionSchedule
 from bir.lit.ema import ema_copy, update_ema
 from bir.lit.hparams import save_plain_hyperparameters
 from bir.lit.stage1 import STEP_STRIDE
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
+from bir.nets.checkpoints import load_net
 from bir.nets.controlldm import ControlLDM
-from bir.nets.rrdbnet import BSRNET_URL
-from bir.nets.scunet import SCUNET_URL
-from bir.nets.swinir import DIFFBIR_SWINIR_URL
 from bir.random import rand, randn, sample_generators
 
 Tensor = torch.Tensor
@@ -39,28 +36,17 @@ Tensor = torch.Tensor
 #: bir.random streams of the independent draws of a training step (evaluation: + EVAL_STREAM_OFFSET)
 STREAMS = {"degradation": 21, "timestep": 22, "noise": 23, "vae": 24, "prompt": 25, "cond_aug": 26}
 EVAL_STREAM_OFFSET = 10
-#: where a stage-1 network sits in the checkpoints we accept (DiffBIR v1 full: preprocess_model.)
-STAGE1_PREFIXES = ("net.", "preprocess_model.", "", "model.", "module.", "ema.", "net_ema.")
 #: state-dict prefixes of frozen parts, left out of our checkpoints
 FROZEN_PREFIXES = ("model.unet.", "model.vae.", "model.clip.", "model.cond_encoder.", "stage1.")
 
 
-#: stage-1 network class -> (name in errors, where its released weights are published)
-_STAGE1_RELEASES = {
-    "SwinIR": ("DiffBIR stage-1 SwinIR", DIFFBIR_SWINIR_URL),
-    "RRDBNet": ("DiffBIR v2 stage-1 BSRNet", BSRNET_URL),
-    "SCUNet": ("DiffBIR v2 stage-1 SCUNet", SCUNET_URL),
-}
-
-
 def load_stage1(net: nn.Module, ckpt_path: str | None, config_key: str) -> nn.Module:
     """Load a stage-1 network strictly (bir stage-1 checkpoint, DiffBIR SwinIR or v1 full
-    checkpoint) and freeze it; ``ckpt_path=None`` keeps its weights (tests)."""
-    if ckpt_path is not None:
-        what, url = _STAGE1_RELEASES.get(type(net).__name__, (type(net).__name__, None))
-        state = load_checkpoint(ckpt_path, what=what, url=url, config_key=config_key)
-        state = select_prefix(state, STAGE1_PREFIXES, net.state_dict().keys())
-        load_state_dict_checked(net, state, name=f"stage-1 network ({ckpt_path})")
+    checkpoint, BSRNet, SCUNet: :func:`bir.nets.checkpoints.load_net`) and freeze it;
+    ``ckpt_path=None`` keeps its weights (tests). ``config_key`` is the key of the path
+    (``method.stage1_ckpt_path``); its node's ``stage1`` builds the net."""
+    net_key = config_key.rpartition(".")[0] + ".stage1"
+    load_net(net, ckpt_path, config_key=config_key, net_key=net_key)
     net.requires_grad_(False)
     return net.eval()
 

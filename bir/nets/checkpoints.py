@@ -6,6 +6,15 @@ checkpoints (``{"state_dict": ...}``), ldm "full" checkpoints with every submode
 ``{"params_ema": ...}`` and safetensors files. :func:`load_checkpoint` unwraps these to a flat
 ``name -> tensor`` dict; :func:`load_state_dict_checked` loads it and, on a mismatch, raises an
 error that lists what is missing, unexpected and of the wrong shape.
+
+Where a network sits inside a checkpoint is the network class's business: it declares
+``checkpoint_prefixes`` (where its released files put it, e.g. ``model.diffusion_model.`` for the
+SD UNet), and optionally ``checkpoint_ignored`` (keys of other parts the files carry),
+``checkpoint_what`` and ``checkpoint_url`` (for the errors). :func:`net_weights` looks under those
+prefixes and under :data:`WRAPPER_PREFIXES`, where bir's own Lightning modules and common wrappers
+put any network; :func:`load_net` is the one loader every config and module uses.
+
+This module is a leaf: it imports nothing from bir.
 """
 
 from __future__ import annotations
@@ -22,6 +31,12 @@ from torch import nn
 
 # Wrapper keys, tried in order, under which frameworks store the actual state dict.
 _WRAPPER_KEYS = ("state_dict", "params_ema", "params", "model_state_dict", "model", "module")
+
+#: Where any network may sit in a checkpoint, after its class's own ``checkpoint_prefixes``. When
+#: a file holds two copies (bir's PixelDDPM: the EMA under ``ema_net.`` beside the trained
+#: ``net.``), the first prefix wins: EMA copies, then the attribute bir's Lightning modules keep
+#: the net under, then DataParallel and other wrappers, the bare state dict last.
+WRAPPER_PREFIXES = ("ema_net.", "net_ema.", "ema.", "net.", "model.net.", "model.", "module.", "")
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -59,11 +74,18 @@ class CheckpointMismatchError(RuntimeError):
 NET_CONFIG_KEY = "bir_net"
 
 
-def stored_net_config(path: str | os.PathLike) -> dict | None:
+def stored_net_config(path: str | os.PathLike | None) -> dict | None:
     """The network config a bir training run stored in its checkpoint (``{"choice": group file,
-    "config": resolved node, "overrides": fields that differ from the group file}``), or None."""
+    "config": resolved node, "overrides": fields that differ from the group file}``), or None
+    (no such file, not a bir checkpoint, or not readable without running code)."""
+    if path is None or str(path) in ("", "None", "null"):
+        return None
+    path = Path(os.path.expanduser(str(path)))
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
     try:
-        obj = _read_file(Path(path))
+        # the tensors stay on disk; a file trusted to unpickle in full is read only for weights
+        obj = _read_file(path, mmap=True, full_if_trusted=False)
     except Exception:
         return None
     found = obj.get(NET_CONFIG_KEY) if isinstance(obj, Mapping) else None
@@ -187,17 +209,19 @@ def _refused_global(err: Exception) -> str | None:
     return match.group(1) if match else None
 
 
-def _read_file(path: Path) -> object:
-    """Read a weights file without running code from it (safetensors, or ``weights_only``)."""
+def _read_file(path: Path, mmap: bool = False, full_if_trusted: bool = True) -> object:
+    """Read a weights file without running code from it (safetensors, or ``weights_only``),
+    unless the user trusted it (``full_if_trusted``); ``mmap`` leaves the tensors on disk
+    (zip-format files only)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    if path.resolve() in _TRUSTED:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    if full_if_trusted and path.resolve() in _TRUSTED:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals([*_STAND_INS, *_numpy_globals()]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         name = _refused_global(err)
         if name is None:
@@ -294,6 +318,46 @@ def select_prefix(
         if hits > best_hits:
             best, best_hits = sub, hits
     return best
+
+
+def net_weights(
+    net: nn.Module, state: Mapping[str, torch.Tensor], first: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
+    """The part of a checkpoint's flat ``state`` that holds ``net``: found under the class's
+    ``checkpoint_prefixes`` or :data:`WRAPPER_PREFIXES` (``first``: prefixes tried before those,
+    e.g. a module's EMA copy), without the keys the class lists in ``checkpoint_ignored``."""
+    own = getattr(net, "checkpoint_prefixes", ())
+    prefixes = dict.fromkeys((*first, *own, *WRAPPER_PREFIXES))
+    sub = select_prefix(state, prefixes, net.state_dict().keys())
+    ignored = tuple(getattr(net, "checkpoint_ignored", ()))
+    return {k: v for k, v in sub.items() if not k.startswith(ignored)} if ignored else sub
+
+
+def load_net(
+    net: nn.Module,
+    path: str | os.PathLike | None,
+    *,
+    what: str | None = None,
+    url: str | None = None,
+    config_key: str | None = None,
+    net_key: str | None = None,
+) -> nn.Module:
+    """Load ``net`` strictly from the local weights file ``path`` and return it (``None`` keeps
+    its weights: tests and random smoke runs).
+
+    Any wrapping :func:`load_checkpoint` reads, with the network found by :func:`net_weights`.
+    ``what`` and ``url`` (default: the class's ``checkpoint_what`` / ``checkpoint_url``) and
+    ``config_key`` word the missing-file error; ``net_key`` (the config node that builds ``net``)
+    words the mismatch error (:func:`net_mismatch_hint`).
+    """
+    if path is None:
+        return net
+    what = what or getattr(net, "checkpoint_what", type(net).__name__)
+    url = url if url is not None else getattr(net, "checkpoint_url", None)
+    state = load_checkpoint(path, what=what, url=url, config_key=config_key)
+    name = f"{what} ({path})"
+    load_state_dict_checked(net, net_weights(net, state), name=name, source=path, net_key=net_key)
+    return net
 
 
 def compare_state_dict(

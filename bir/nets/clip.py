@@ -14,12 +14,10 @@ from open_clip import get_tokenizer
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
+from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, net_weights
 
 Tensor = torch.Tensor
 
-#: where the text tower sits inside the checkpoints bir reads, most specific first
-CLIP_PREFIXES = ("cond_stage_model.model.", "model.cond_stage_model.model.", "model.", "")
 #: keys of the full CLIP model that the text-only tower does not have (dropped when loading)
 _NOT_TEXT = ("logit_scale", "visual.", "attn_mask")
 
@@ -42,6 +40,10 @@ class OpenCLIPTextEncoder(nn.Module):
 
     Call :meth:`encode` with a list of prompts; embeddings are cached per prompt string.
     """
+
+    #: where the text tower sits in an SD checkpoint (before bir.nets.checkpoints'
+    #: WRAPPER_PREFIXES; the prefixes are of ``self.model``, the tower itself)
+    checkpoint_prefixes = ("cond_stage_model.model.", "model.cond_stage_model.model.")
 
     def __init__(
         self,
@@ -84,7 +86,7 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def load_weights(self, state: dict[str, Tensor], name: str = "text encoder") -> None:
         """Load from an SD / Lightning checkpoint or a bare text-tower state dict (strict)."""
-        state = select_prefix(state, CLIP_PREFIXES, self.model.state_dict().keys())
+        state = net_weights(self.model, state, first=self.checkpoint_prefixes)
         state = {k: v for k, v in state.items() if not k.startswith(_NOT_TEXT)}
         load_state_dict_checked(self.model, state, name=name)
         self._cache.clear()

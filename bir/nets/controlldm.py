@@ -38,10 +38,10 @@ from torch import nn
 from bir.nets.checkpoints import (
     load_checkpoint,
     load_state_dict_checked,
-    select_prefix,
+    net_weights,
     strip_prefix,
 )
-from bir.nets.clip import CLIP_PREFIXES, OpenCLIPTextEncoder
+from bir.nets.clip import OpenCLIPTextEncoder
 from bir.nets.controlnet import ControlNet, set_gradient_checkpointing
 from bir.nets.unet import UNetModel
 from bir.tiling import tiled_apply
@@ -51,10 +51,6 @@ Tensor = torch.Tensor
 SD21_URL = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"
 DIFFBIR_URL = "https://github.com/XPixelGroup/DiffBIR#pretrained-models"
 DIFFBIR_V21_URL = "https://huggingface.co/lxq007/DiffBIR-v2"
-#: where a ControlNet's weights sit in the checkpoints bir reads (EMA first when wanted)
-CONTROL_PREFIXES = ("control_model.", "model.controlnet.", "controlnet.", "module.", "")
-UNET_PREFIXES = ("model.diffusion_model.", "model.unet.", "unet.", "diffusion_model.")
-VAE_PREFIXES = ("first_stage_model.", "model.vae.", "vae.")
 
 
 class ControlLDM(nn.Module):
@@ -116,19 +112,9 @@ class ControlLDM(nn.Module):
     # --- weights ------------------------------------------------------------------------------
     def load_sd_weights(self, state: dict[str, Tensor], name: str = "Stable Diffusion") -> None:
         """UNet, VAE and text encoder from an ldm checkpoint's flat state dict (strict each)."""
-        load_state_dict_checked(
-            self.unet,
-            select_prefix(state, UNET_PREFIXES, self.unet.state_dict()),
-            name=f"UNet ({name})",
-        )
-        load_state_dict_checked(
-            self.vae,
-            select_prefix(state, VAE_PREFIXES, self.vae.state_dict()),
-            name=f"VAE ({name})",
-        )
-        self.clip.load_weights(
-            select_prefix(state, CLIP_PREFIXES, self.clip.model.state_dict()), name=f"CLIP ({name})"
-        )
+        load_state_dict_checked(self.unet, net_weights(self.unet, state), name=f"UNet ({name})")
+        load_state_dict_checked(self.vae, net_weights(self.vae, state), name=f"VAE ({name})")
+        self.clip.load_weights(state, name=f"CLIP ({name})")
 
     def load_control_weights(
         self, state: dict[str, Tensor], use_ema: bool = True, name: str = "ControlNet"
@@ -151,8 +137,8 @@ class ControlLDM(nn.Module):
                     self.cond_encoder, cond, name=f"v1 condition encoder ({name})"
                 )
                 self.cond_encoder.requires_grad_(False)
-        prefixes = (("ema_controlnet.",) if use_ema else ()) + CONTROL_PREFIXES
-        sub = select_prefix(state, prefixes, self.controlnet.state_dict())
+        ema = ("ema_controlnet.",) if use_ema else ()  # bir stage-2 checkpoints' EMA copy
+        sub = net_weights(self.controlnet, state, first=ema)
         load_state_dict_checked(self.controlnet, sub, name=f"ControlNet ({name})")
 
     def train(self, mode: bool = True) -> ControlLDM:

@@ -63,6 +63,10 @@ class ControlNet(nn.Module):
         SD) residuals, one per input block in order, then the middle block's.
     """
 
+    #: where released files put the network (bir.nets.checkpoints.net_weights): DiffBIR's
+    #: control files and v1 full checkpoints, bir's stage-2 checkpoints
+    checkpoint_prefixes = ("control_model.", "model.controlnet.", "controlnet.")
+
     def __init__(
         self,
         in_channels: int = 4,

@@ -4,7 +4,8 @@ Used by the CelebA-HQ 256 priors (SDEdit / DDIM releases, BIRD). Parameter names
 release (``temb.dense.{0,1}``, ``conv_in``, ``down.i.block.j``, ``down.i.attn.j``,
 ``down.i.downsample.conv``, ``mid.block_1``, ``mid.attn_1``, ``mid.block_2``, ``up.i.block.j``,
 ``up.i.attn.j``, ``up.i.upsample.conv``, ``norm_out``, ``conv_out``) so its bare state dicts load
-with ``strict=True``; a DataParallel ``module.`` prefix is stripped by :func:`load_ddpm_unet`.
+with ``strict=True`` through :func:`bir.nets.checkpoints.load_net` (a DataParallel ``module.``
+prefix is stripped).
 
 The residual block, resamplers, middle block and the down / up paths (:class:`EncoderLevels`,
 :class:`DecoderLevels`) are defined here once; ldm's VAE (:mod:`bir.nets.vae`) builds its
@@ -14,7 +15,6 @@ The residual block, resamplers, middle block and the down / up paths (:class:`En
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -22,10 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bir.nets.attention import SpatialSelfAttention
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
-
-# Published with SDEdit (README "Pretrained checkpoints"); a bare state dict.
-CELEBAHQ_URL = "https://github.com/ermongroup/SDEdit (celeba_hq.ckpt)"
 
 
 def ddpm_timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -294,6 +290,8 @@ class DDPMUNet(nn.Module):
     ``forward(x [B, in_channels, H, W] in [-1, 1], t [B] original timesteps) -> eps [B, out_ch, H, W]``.
     """
 
+    checkpoint_what = "DDPM UNet"
+
     def __init__(
         self,
         ch: int = 128,
@@ -348,17 +346,3 @@ class DDPMUNet(nn.Module):
         h = self.down(hs[0], temb, skips=hs)
         h = self.up(self.mid(h, temb), temb, skips=hs)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def load_ddpm_unet(
-    module: DDPMUNet,
-    path: str | os.PathLike,
-    *,
-    config_key: str | None = "net.ckpt_path",
-    url: str | None = CELEBAHQ_URL,
-) -> DDPMUNet:
-    """Load a DDPM/DDIM-format state dict (bare, ``module.``-prefixed or wrapped) strictly."""
-    state = load_checkpoint(path, what="DDPM UNet", url=url, config_key=config_key)
-    sub = select_prefix(state, ("", "module.", "model.", "net."), module.state_dict().keys())
-    load_state_dict_checked(module, sub, name=f"DDPM UNet ({path})")
-    return module

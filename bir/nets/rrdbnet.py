@@ -28,19 +28,12 @@ The network is fully convolutional: any H, W works without padding.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
-
 #: where BSRGAN's authors publish the weights DiffBIR v2 uses (named when the file is missing)
 BSRNET_URL = "https://github.com/cszn/KAIR/releases/download/v1.0/BSRNet.pth"
-
-#: prefixes under which an RRDBNet state dict may sit in a checkpoint (bare first)
-CHECKPOINT_PREFIXES = ("", "net.", "model.", "module.", "ema.", "net_ema.", "model.net.")
 
 #: residual scaling of ESRGAN's dense blocks and RRDBs
 RESIDUAL_SCALE = 0.2
@@ -102,7 +95,13 @@ class RRDBNet(nn.Module):
         nb: number of RRDBs in the trunk (23 in BSRNet).
         gc: growth channels of the dense blocks.
         sf: upscaling factor, 2 or 4 (one or two nearest-2x + conv stages, as released).
+
+    Weights: :func:`bir.nets.checkpoints.load_net` reads the bare ``BSRNet.pth`` and bir's
+    checkpoints.
     """
+
+    checkpoint_what = "BSRNet (RRDBNet)"
+    checkpoint_url = BSRNET_URL
 
     def __init__(
         self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, sf: int = 4
@@ -127,27 +126,3 @@ class RRDBNet(nn.Module):
         for name in ("upconv1", "upconv2")[: 1 if self.sf == 2 else 2]:
             f = self.lrelu(getattr(self, name)(F.interpolate(f, scale_factor=2, mode="nearest")))
         return self.conv_last(self.lrelu(self.HRconv(f)))
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike, *, config_key: str | None = None, **config
-    ) -> RRDBNet:
-        """Build ``RRDBNet(**config)`` and load weights strictly from the local file ``path``.
-
-        Accepts the bare state dict BSRGAN releases (``BSRNet.pth``), a Lightning checkpoint
-        (``{"state_dict": ...}``, keys bare or under ``net.`` / ``model.``) or one wrapped by
-        DataParallel / EMA (``module.``, ``ema.`` ...). Raises
-        :class:`bir.nets.checkpoints.MissingCheckpointError` if the file is missing and
-        :class:`bir.nets.checkpoints.CheckpointMismatchError` listing the keys that do not fit.
-        """
-        net = cls(**config)
-        net.load_weights(path, config_key=config_key)
-        return net
-
-    def load_weights(self, path: str | os.PathLike, *, config_key: str | None = None) -> None:
-        """Load a checkpoint in any of the wrappings :meth:`from_checkpoint` accepts (strict)."""
-        state = load_checkpoint(
-            path, what="BSRNet (RRDBNet)", url=BSRNET_URL, config_key=config_key
-        )
-        state = select_prefix(state, CHECKPOINT_PREFIXES, self.state_dict().keys())
-        load_state_dict_checked(self, state, name="RRDBNet", strict=True)

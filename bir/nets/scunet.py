@@ -47,7 +47,6 @@ with the bias and the ``-inf`` shift mask as one additive mask.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -55,13 +54,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
-
 #: where SCUNet's authors publish the weights DiffBIR v2 uses (named when the file is missing)
 SCUNET_URL = "https://github.com/cszn/KAIR/releases/download/v1.0/scunet_color_real_psnr.pth"
-
-#: prefixes under which an SCUNet state dict may sit in a checkpoint (bare first)
-CHECKPOINT_PREFIXES = ("", "net.", "model.", "module.", "ema.", "net_ema.", "model.net.")
 
 
 def relative_position_index(window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +221,13 @@ class SCUNet(nn.Module):
             does). The release's default 256 makes every stage shift at DiffBIR's sizes.
         head_dim: channels per attention head (32, a constant in the release).
         window_size: attention window side (8, a constant in the release).
+
+    Weights: :func:`bir.nets.checkpoints.load_net` reads the bare ``scunet_color_real_psnr.pth``
+    and bir's checkpoints.
     """
+
+    checkpoint_what = "SCUNet"
+    checkpoint_url = SCUNET_URL
 
     def __init__(
         self,
@@ -298,25 +298,3 @@ class SCUNet(nn.Module):
         y = self.m_up2(y + x3)
         y = self.m_up1(y + x2)
         return self.m_tail(y + x1)[..., :h, :w]
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike, *, config_key: str | None = None, **config
-    ) -> SCUNet:
-        """Build ``SCUNet(**config)`` and load weights strictly from the local file ``path``.
-
-        Accepts the bare state dict SCUNet's authors release (``scunet_color_real_psnr.pth``),
-        a Lightning checkpoint (``{"state_dict": ...}``, keys bare or under ``net.`` /
-        ``model.``) or one wrapped by DataParallel / EMA (``module.``, ``ema.`` ...). Raises
-        :class:`bir.nets.checkpoints.MissingCheckpointError` if the file is missing and
-        :class:`bir.nets.checkpoints.CheckpointMismatchError` listing the keys that do not fit.
-        """
-        net = cls(**config)
-        net.load_weights(path, config_key=config_key)
-        return net
-
-    def load_weights(self, path: str | os.PathLike, *, config_key: str | None = None) -> None:
-        """Load a checkpoint in any of the wrappings :meth:`from_checkpoint` accepts (strict)."""
-        state = load_checkpoint(path, what="SCUNet", url=SCUNET_URL, config_key=config_key)
-        state = select_prefix(state, CHECKPOINT_PREFIXES, self.state_dict().keys())
-        load_state_dict_checked(self, state, name="SCUNet", strict=True)

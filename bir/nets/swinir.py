@@ -24,7 +24,6 @@ size (the reference returns the padded size).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -32,13 +31,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple, trunc_normal_
 from torch import nn
 
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
-
 #: where DiffBIR publishes the stage-1 weights (named in the error when the file is missing)
 DIFFBIR_SWINIR_URL = "https://huggingface.co/lxq007/DiffBIR/resolve/main/general_swinir_v1.ckpt"
-
-#: prefixes under which a SwinIR state dict may sit in a checkpoint (bare first)
-CHECKPOINT_PREFIXES = ("", "net.", "model.", "module.", "ema.", "net_ema.", "model.net.")
 
 #: mean RGB of DIV2K subtracted at the input (SwinIR / DiffBIR constant)
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -354,7 +348,16 @@ class SwinIR(nn.Module):
         patch_norm: LayerNorm after the patch embedding.
         num_feat: width of the reconstruction head (64 in the reference, where it is a
             constant; smaller only for tiny test models).
+
+    Weights: :func:`bir.nets.checkpoints.load_net` reads DiffBIR's bare
+    ``general_swinir_v1.ckpt``, a DiffBIR v1 full checkpoint (under ``preprocess_model.``) and
+    bir's stage-1 checkpoints.
     """
+
+    #: where released files put the network (bir.nets.checkpoints.net_weights)
+    checkpoint_prefixes = ("preprocess_model.",)
+    checkpoint_what = "DiffBIR stage-1 SwinIR"
+    checkpoint_url = DIFFBIR_SWINIR_URL
 
     def __init__(
         self,
@@ -483,27 +486,3 @@ class SwinIR(nn.Module):
         x = self.conv_last(self.lrelu(self.conv_hr(x)))
         x = x / self.img_range + self.mean.to(x.dtype)
         return x[..., : h * self.scale, : w * self.scale]
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike, *, config_key: str | None = None, **config
-    ) -> SwinIR:
-        """Build ``SwinIR(**config)`` and load weights strictly from ``path``.
-
-        Accepts a bare state dict (DiffBIR's ``general_swinir_v1.ckpt``), a Lightning checkpoint
-        of :class:`bir.lit.stage1.Stage1Restoration` (keys under ``net.``) or one wrapped by
-        DataParallel / EMA (``module.``, ``ema.`` ...). Raises
-        :class:`bir.nets.checkpoints.MissingCheckpointError` if the file is missing and
-        :class:`bir.nets.checkpoints.CheckpointMismatchError` listing the keys that do not fit.
-        """
-        net = cls(**config)
-        net.load_weights(path, config_key=config_key)
-        return net
-
-    def load_weights(self, path: str | os.PathLike, *, config_key: str | None = None) -> None:
-        """Load a checkpoint in any of the wrappings :meth:`from_checkpoint` accepts (strict)."""
-        state = load_checkpoint(
-            path, what="DiffBIR stage-1 SwinIR", url=DIFFBIR_SWINIR_URL, config_key=config_key
-        )
-        state = select_prefix(state, CHECKPOINT_PREFIXES, self.state_dict().keys())
-        load_state_dict_checked(self, state, name="SwinIR", strict=True)

@@ -5,7 +5,8 @@ One :class:`UNetModel` covers both releases with their parameter names, so
 * Stable Diffusion 2.1 (``v2-1_512-ema-pruned.ckpt``, keys under ``model.diffusion_model.``) and
 * guided-diffusion's ``256x256_diffusion_uncond.pt`` (bare state dict)
 
-load with ``strict=True`` through :func:`load_sd_unet` / :func:`load_adm_unet`. Key layout:
+load with ``strict=True`` through :func:`bir.nets.checkpoints.load_net` (the prior configs) and
+:meth:`bir.nets.controlldm.ControlLDM.load_sd_weights` (SD inside DiffBIR). Key layout:
 ``time_embed.{0,2}``, ``input_blocks.i.j``, ``middle_block.{0,1,2}``, ``output_blocks.i.j``,
 ``out.{0,2}``; ``ResBlock``: ``in_layers.{0,2}``, ``emb_layers.1``, ``out_layers.{0,3}``,
 ``skip_connection``; ``Downsample.op``, ``Upsample.conv``; ``AttentionBlock``: ``norm``, ``qkv``,
@@ -20,7 +21,6 @@ are implemented.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -34,12 +34,6 @@ from bir.nets.attention import (
     qkv_attention,
     qkv_attention_legacy,
     zero_module,
-)
-from bir.nets.checkpoints import (
-    CheckpointMismatchError,
-    load_checkpoint,
-    load_state_dict_checked,
-    select_prefix,
 )
 
 __all__ = [
@@ -55,17 +49,9 @@ __all__ = [
     "Upsample",
     "build_unet_encoder",
     "build_middle_block",
-    "ema_key",
-    "load_adm_unet",
-    "load_sd_unet",
     "timestep_embedding",
     "zero_module",
 ]
-
-SD21_URL = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"
-ADM256_URL = (
-    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
-)
 
 
 def timestep_embedding(
@@ -446,6 +432,11 @@ class UNetModel(nn.Module):
         Returns ``[B, out_channels, H, W]``.
     """
 
+    #: where released files put the network (bir.nets.checkpoints.net_weights): SD's ldm
+    #: checkpoints; guided-diffusion's files are bare
+    checkpoint_prefixes = ("model.diffusion_model.", "diffusion_model.", "model.unet.", "unet.")
+    checkpoint_what = "UNet"
+
     def __init__(
         self,
         in_channels: int,
@@ -546,71 +537,3 @@ class UNetModel(nn.Module):
                 skip = skip + residuals.pop()
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading released weights
-# --------------------------------------------------------------------------------------------
-
-
-def ema_key(name: str, submodule: str = "diffusion_model", ema_prefix: str = "model_ema.") -> str:
-    """The key of parameter ``name`` in an ldm EMA copy.
-
-    ldm's ``LitEma`` registers one buffer per parameter of the ``DiffusionWrapper`` with every dot
-    removed (buffer names cannot contain dots), so ``model.diffusion_model.input_blocks.0.0.weight``
-    is stored as ``model_ema.diffusion_modelinput_blocks00weight``.
-    """
-    return ema_prefix + f"{submodule}.{name}".replace(".", "")
-
-
-def _ema_state(
-    module: nn.Module, state: dict[str, torch.Tensor], path: object
-) -> dict[str, torch.Tensor]:
-    names = [n for n, _ in module.named_parameters()]
-    found = {n: state[ema_key(n)] for n in names if ema_key(n) in state}
-    if not found:
-        raise CheckpointMismatchError(
-            f"EMA weights of the UNet ({path}): no 'model_ema.*' keys (an '-ema-pruned' file "
-            "already holds EMA weights under model.diffusion_model.; load it with use_ema=False)",
-            [ema_key(n) for n in names],
-            [],
-            [],
-        )
-    # LitEma tracks parameters only; buffers (none in this UNet) come from the main weights.
-    return found
-
-
-def load_sd_unet(
-    module: UNetModel,
-    path: str | os.PathLike,
-    *,
-    use_ema: bool = False,
-    config_key: str | None = "net.ckpt_path",
-) -> UNetModel:
-    """Load Stable Diffusion UNet weights into ``module`` (strict).
-
-    Accepts an ldm full checkpoint (keys under ``model.diffusion_model.``), a Lightning checkpoint
-    of it, or a bare UNet state dict. With ``use_ema`` the ``model_ema.*`` copy of a full training
-    checkpoint is used (see :func:`ema_key` for ldm's dot-free names).
-    """
-    state = load_checkpoint(path, what="Stable Diffusion UNet", url=SD21_URL, config_key=config_key)
-    if use_ema:
-        sub = _ema_state(module, state, path)
-    else:
-        sub = select_prefix(
-            state, ("model.diffusion_model.", "diffusion_model.", ""), module.state_dict().keys()
-        )
-    load_state_dict_checked(module, sub, name=f"Stable Diffusion UNet ({path})")
-    return module
-
-
-def load_adm_unet(
-    module: UNetModel, path: str | os.PathLike, *, config_key: str | None = "net.ckpt_path"
-) -> UNetModel:
-    """Load guided-diffusion ADM weights (a bare state dict, or ``module.``/``model.`` prefixed)."""
-    state = load_checkpoint(
-        path, what="guided-diffusion ADM UNet", url=ADM256_URL, config_key=config_key
-    )
-    sub = select_prefix(state, ("", "module.", "model.", "net."), module.state_dict().keys())
-    load_state_dict_checked(module, sub, name=f"guided-diffusion ADM UNet ({path})")
-    return module

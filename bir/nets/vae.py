@@ -2,13 +2,13 @@
 
 Parameter names follow ldm (``encoder.*``, ``decoder.*``, ``quant_conv``, ``post_quant_conv``;
 under ``first_stage_model.`` in an SD checkpoint) so the released weights load with
-``strict=True`` through :func:`load_vae`. Images are in [-1, 1] (the release's range); latents are
-multiplied by :attr:`AutoencoderKL.scale_factor` (0.18215) by the caller before diffusion.
+``strict=True`` through :func:`bir.nets.checkpoints.load_net`. Images are in [-1, 1] (the
+release's range); latents are multiplied by :attr:`AutoencoderKL.scale_factor` (0.18215) by the
+caller before diffusion.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bir.nets.checkpoints import load_checkpoint, load_state_dict_checked, select_prefix
 from bir.nets.ddpm_unet import DecoderLevels, EncoderLevels, MidBlock, group_norm
 from bir.random import randn
 from bir.tiling import tiled_apply
-
-SD_VAE_URL = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"
 
 
 class Encoder(nn.Module):
@@ -143,6 +140,13 @@ class AutoencoderKL(nn.Module):
         scale_factor: latent scaling used by the diffusion model (SD: 0.18215); stored only.
     """
 
+    #: where released files put the network (bir.nets.checkpoints.net_weights): the SD
+    #: checkpoint; stand-alone ldm VAE training checkpoints also hold their loss (LPIPS, GAN)
+    checkpoint_prefixes = ("first_stage_model.", "model.vae.", "vae.")
+    checkpoint_ignored = ("loss.",)
+    checkpoint_what = "Stable Diffusion VAE"
+    checkpoint_url = "https://huggingface.co/stabilityai/stable-diffusion-2-1-base"
+
     def __init__(self, ddconfig: Mapping, embed_dim: int, scale_factor: float = 0.18215):
         super().__init__()
         cfg = dict(ddconfig)
@@ -198,17 +202,3 @@ class AutoencoderKL(nn.Module):
         """:meth:`decode` over overlapping ``tile_size`` latent tiles, blended linearly."""
         f = self.downsample_factor
         return tiled_apply(self.decode, z, tile_size, overlap, f, weight="ramp")
-
-
-def load_vae(
-    module: AutoencoderKL, path: str | os.PathLike, *, config_key: str | None = "net.vae_ckpt_path"
-) -> AutoencoderKL:
-    """Load VAE weights (SD full checkpoint under ``first_stage_model.``, or a bare/ldm VAE file)."""
-    state = load_checkpoint(
-        path, what="Stable Diffusion VAE", url=SD_VAE_URL, config_key=config_key
-    )
-    sub = select_prefix(state, ("first_stage_model.", "vae.", ""), module.state_dict().keys())
-    # Stand-alone ldm VAE training checkpoints also hold the loss (LPIPS, discriminator).
-    sub = {k: v for k, v in sub.items() if not k.startswith("loss.")}
-    load_state_dict_checked(module, sub, name=f"Stable Diffusion VAE ({path})")
-    return module

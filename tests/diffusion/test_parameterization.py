@@ -103,7 +103,7 @@ def test_from_prior_uses_prior_betas_and_learned_sigma():
             return torch.cat([x, torch.zeros_like(x)], 1)
 
     prior = PixelPrior(
-        TwoC(), None, {"kind": "linear", "T": 100, "beta_start": 1e-4, "beta_end": 0.02}
+        TwoC(), schedule={"kind": "linear", "T": 100, "beta_start": 1e-4, "beta_end": 0.02}
     )
     model = DiffusionModel.from_prior(prior, timesteps=[0, 49, 99])
     assert model.variance == "learned_range" and len(model.schedule) == 3

@@ -23,6 +23,7 @@ from bir.lit.bir_d import (
     adaptive_guidance_scale,
     gaussian_log_likelihood,
 )
+from bir.lit.pixel_ddpm import load_pixel_prior
 from bir.operators.kernel_mask import KernelMaskOperator
 from bir.operators.lowlight import LowLightOperator
 from bir.random import randn, sample_generators
@@ -51,7 +52,7 @@ def prior(tmp_path_factory) -> PixelPrior:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("prior") / "tiny_adm.pt"
     torch.save(TinyEpsNet().state_dict(), path)  # saved and loaded through the real loader
-    return PixelPrior(
+    return load_pixel_prior(
         TinyEpsNet(), str(path), learned_sigma=True, image_size=16, checkpoint_what="tiny ADM"
     )
 
@@ -294,7 +295,7 @@ def test_non_finite_image_raises_naming_it(prior):
         def forward(self, x, t):
             return torch.full((x.shape[0], 6, *x.shape[2:]), float("nan"))
 
-    bad = PixelPrior(NaNNet(), None, learned_sigma=True, image_size=16)
+    bad = PixelPrior(NaNNet(), learned_sigma=True, image_size=16)
     m = method(bad, steps=3)
     with pytest.raises(RuntimeError, match="broken_image"):
         m.predict_step({"lq": observation(), "name": ["broken_image"], "index": torch.tensor([0])})
@@ -536,7 +537,9 @@ def test_with_the_tiny_adm_unet(tmp_path):
     torch.manual_seed(0)
     net_cfg = OmegaConf.load(CONF / "net" / "unet_adm_tiny.yaml")
     torch.save(hydra.utils.instantiate(net_cfg).state_dict(), tmp_path / "adm.pt")
-    adm = PixelPrior(hydra.utils.instantiate(net_cfg), str(tmp_path / "adm.pt"), image_size=16)
+    adm = load_pixel_prior(
+        hydra.utils.instantiate(net_cfg), str(tmp_path / "adm.pt"), image_size=16
+    )
     zero = method(adm, steps=4, guidance_scale=0.0, adaptive_scale=False, dynamic_kernel=False)
     out = zero.predict_step(batch(observation(), [2]))
     assert torch.allclose(out["restored"], plain_ddpm(adm, (3, 16, 16), 0, 2, 4), atol=1e-5)

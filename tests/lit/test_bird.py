@@ -70,9 +70,9 @@ def make_prior(net: str = "conv", dtype: torch.dtype = torch.float32) -> PixelPr
     """``conv``: :class:`TinyEpsNet` (cheap, and exact in float64); ``unet``: tiny ADM UNet with
     learned sigma (6 output channels; its GroupNorm32 computes in float32 as the references do)."""
     if net == "unet":
-        return PixelPrior(tiny_unet(), None, learned_sigma=True, image_size=16).to(dtype)
+        return PixelPrior(tiny_unet(), learned_sigma=True, image_size=16).to(dtype)
     torch.manual_seed(0)
-    return PixelPrior(TinyEpsNet(), None, learned_sigma=False, image_size=16).to(dtype)
+    return PixelPrior(TinyEpsNet(), learned_sigma=False, image_size=16).to(dtype)
 
 
 def observation(shape=(1, 3, 16, 16), seed: int = 1, dtype=torch.float32) -> torch.Tensor:

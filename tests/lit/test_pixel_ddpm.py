@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bir.data.datasets import collate
-from bir.diffusion.prior import PixelPrior
 from bir.diffusion.schedules import DiffusionSchedule, make_betas
 from bir.lit.pixel_ddpm import (
     PixelDDPM,
     diffusion_loss_terms,
     discretized_gaussian_log_likelihood,
+    load_pixel_prior,
     normal_kl,
 )
 
@@ -245,7 +245,9 @@ def test_fit_logs_samples_and_checkpoint_loads_into_pixel_prior(tmp_path, learn_
     trainer.save_checkpoint(ckpt)
     # plain hyperparameters: the checkpoint resumes under torch.load(weights_only=True)
     assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["schedule"] == SCHEDULE
-    prior = PixelPrior(tiny_net(out), str(ckpt), SCHEDULE, learned_sigma=learn_sigma, image_size=16)
+    prior = load_pixel_prior(
+        tiny_net(out), str(ckpt), SCHEDULE, learned_sigma=learn_sigma, image_size=16
+    )
     for (name, p), e in zip(prior.net.state_dict().items(), module.ema_net.state_dict().values()):
         torch.testing.assert_close(p, e, msg=name)
     # the EMA (warmup decays < 1) differs from the trained net, and the prior loaded the EMA

@@ -214,3 +214,149 @@ def test_wrong_architecture_names_both_nets_and_the_fix(tmp_path):
     fixed = OmegaConf.load(f"{CONFIG_DIR}/net/swinir_tiny.yaml")
     fixed.embed_dim, fixed.num_feat = 8, 8
     Stage1Restoration.for_inference(instantiate(fixed), str(path))
+
+
+def test_one_loader_finds_each_net_where_its_class_or_bir_puts_it(tmp_path):
+    """load_net: the class's own prefix (SwinIR in a DiffBIR v1 full checkpoint), the EMA copy
+    before the trained net when a bir checkpoint holds both, a DataParallel file, and keys the
+    class declares foreign (an ldm VAE file's loss) left out."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from bir.cli import CONFIG_DIR
+    from bir.nets.checkpoints import load_net, net_weights
+
+    tiny = OmegaConf.load(f"{CONFIG_DIR}/net/swinir_tiny.yaml")
+    src, ema = instantiate(tiny).eval(), instantiate(tiny).eval()
+    x = torch.rand(1, 3, 16, 16)
+    files = {
+        "v1_full.ckpt": {
+            "state_dict": {
+                **{f"preprocess_model.{k}": v for k, v in src.state_dict().items()},
+                "control_model.input_hint_block.0.weight": torch.zeros(2),
+            }
+        },
+        "bir_ema.ckpt": {
+            "state_dict": {
+                **{f"net.{k}": v for k, v in src.state_dict().items()},
+                **{f"ema_net.{k}": v for k, v in ema.state_dict().items()},
+            }
+        },
+        "dp.pth": {f"module.{k}": v for k, v in src.state_dict().items()},
+    }
+    want = {"v1_full.ckpt": src, "bir_ema.ckpt": ema, "dp.pth": src}
+    with torch.no_grad():
+        for name, obj in files.items():
+            torch.save(obj, tmp_path / name)
+            loaded = load_net(instantiate(tiny), tmp_path / name).eval()
+            torch.testing.assert_close(loaded(x), want[name](x), rtol=0, atol=0, msg=name)
+
+    class WithLoss(nn.Module):
+        checkpoint_prefixes = ("first_stage_model.",)
+        checkpoint_ignored = ("loss.",)
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1)
+
+    own = WithLoss()
+    state = {f"first_stage_model.{k}": v for k, v in own.state_dict().items()}
+    state["conv.weight"] = torch.zeros(1, 1, 1, 1)  # a bare copy: the class's prefix comes first
+    state["first_stage_model.loss.logvar"] = torch.zeros(())
+    found = net_weights(WithLoss(), state)
+    assert set(found) == {"conv.weight", "conv.bias"}
+    assert torch.equal(found["conv.weight"], own.conv.weight)
+    with pytest.raises(MissingCheckpointError, match="method.ckpt"):
+        load_net(WithLoss(), tmp_path / "absent.ckpt", config_key="method.ckpt")
+    kept = WithLoss()
+    assert load_net(kept, None) is kept  # None keeps the weights (random smoke runs)
+
+
+def _stored_checkpoint(path, choice: str, **fields):
+    """A checkpoint as bir-train writes it: weights of the net built from ``conf/net/<choice>``
+    with ``fields`` overridden, and the record the StoreNetConfig callback adds."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from bir.callbacks.net_config import StoreNetConfig, net_config_record
+    from bir.cli import CONFIG_DIR
+
+    trained = OmegaConf.merge(OmegaConf.load(f"{CONFIG_DIR}/net/{choice}.yaml"), fields)
+    net = instantiate(trained)
+    ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}
+    StoreNetConfig(net_config_record(trained, choice, CONFIG_DIR)).on_save_checkpoint(
+        None, None, ckpt
+    )
+    torch.save(ckpt, path)
+    return net
+
+
+def _restore_cfg(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from bir.cli import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("restore", overrides=["input=x", "output=y", *overrides])
+
+
+def test_stored_net_config_builds_the_net_unless_the_command_line_chooses_one(tmp_path):
+    from hydra.utils import instantiate
+
+    from bir.callbacks.net_config import use_stored_net_configs
+
+    path = tmp_path / "last.ckpt"
+    trained = _stored_checkpoint(path, "swinir_tiny", embed_dim=8, num_feat=8)
+    args = ["method=swinir", f"ckpt={path}"]
+    cfg = _restore_cfg(args)
+    assert cfg.method.net.embed_dim != 8  # the default net would not fit
+    lines = use_stored_net_configs(cfg, args)
+    assert lines == [
+        f"method.net: the network stored in {path} (swinir_tiny embed_dim=8 num_feat=8)"
+    ]
+    assert cfg.method.net.embed_dim == 8 and cfg.method.ckpt_path == str(path)
+    module = instantiate(cfg.method)  # loads strictly: the stored net is the trained one
+    for k, v in trained.state_dict().items():
+        assert torch.equal(module.net.state_dict()[k], v), k
+
+    # an explicit net override wins, and the log line says so
+    explicit = [*args, "net@method.net=swinir_tiny", "method.net.embed_dim=8"]
+    cfg = _restore_cfg(explicit)
+    lines = use_stored_net_configs(cfg, explicit)
+    assert len(lines) == 1 and "this run's config and overrides" in lines[0]
+    assert "net@method.net=swinir_tiny method.net.embed_dim=8" in lines[0]
+    assert cfg.method.net.num_feat != 8  # not replaced by the stored config
+    # a file without a stored config (a released one) leaves the configured net alone
+    torch.save({"state_dict": {}}, tmp_path / "released.ckpt")
+    cfg = _restore_cfg(["method=swinir", f"ckpt={tmp_path / 'released.ckpt'}"])
+    assert use_stored_net_configs(cfg, []) == [] and cfg.method.net.embed_dim != 8
+
+
+def test_stored_net_config_of_a_prior_keeps_its_checkpoint_path(tmp_path):
+    from bir.callbacks.net_config import use_stored_net_configs
+
+    path = tmp_path / "prior.ckpt"
+    _stored_checkpoint(path, "unet_adm_tiny", model_channels=64)
+    cfg = _restore_cfg(["method=bird", "prior=tiny", f"prior.ckpt_path={path}"])
+    use_stored_net_configs(cfg, ["prior.ckpt_path=x"])  # setting the path is no net override
+    assert cfg.prior.net.model_channels == 64 and cfg.prior.ckpt_path == str(path)
+    assert cfg.method.prior.net.model_channels == 64  # method=bird's prior follows
+
+
+def test_stored_net_config_never_names_code_to_run(tmp_path):
+    """A checkpoint whose stored config names anything but a bir network class is refused
+    before anything is built (a weights file never runs code)."""
+    from bir.callbacks.net_config import use_stored_net_configs
+    from bir.nets.checkpoints import NET_CONFIG_KEY
+
+    marker = tmp_path / "ran"
+    for target in ("os.system", "bir.nets.checkpoints.load_checkpoint", "pathlib.Path"):
+        config = {"_target_": "bir.nets.swinir.SwinIR", "sub": {"_target_": target}}
+        if target == "os.system":
+            config = {"_target_": target, "command": f"touch {marker}"}
+        path = tmp_path / "evil.ckpt"
+        torch.save({"state_dict": {}, NET_CONFIG_KEY: {"choice": None, "config": config}}, path)
+        cfg = _restore_cfg(["method=swinir", f"ckpt={path}"])
+        with pytest.raises(UnsafeCheckpointError, match=f"names '{target}'"):
+            use_stored_net_configs(cfg, [])
+    assert not marker.exists()

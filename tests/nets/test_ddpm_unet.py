@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bir.diffusion.prior import PixelPrior
+from bir.lit.pixel_ddpm import load_pixel_prior
 from bir.nets.attention import SpatialSelfAttention
 from bir.nets.checkpoints import CheckpointMismatchError
-from bir.nets.ddpm_unet import DDPMUNet, Downsample, ddpm_timestep_embedding, load_ddpm_unet
+from bir.nets.ddpm_unet import DDPMUNet, Downsample, ddpm_timestep_embedding
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
 
@@ -98,13 +98,11 @@ def test_tiny_forward_and_prefixed_round_trip(tmp_path):
     assert not torch.allclose(out, src(x, torch.tensor([2, 900])))
     path = tmp_path / "celeba_hq.ckpt"
     torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)  # DataParallel file
-    dst = load_ddpm_unet(build("unet_ddpm_tiny"), path).eval()
-    torch.testing.assert_close(dst(x, t), out)
-    # the lead's PixelPrior loads the same file through its own prefix selection
-    prior = PixelPrior(build("unet_ddpm_tiny"), str(path), learned_sigma=False, image_size=16)
+    # the path prior=ddpm_celebahq takes: the prior loader strips the DataParallel prefix
+    prior = load_pixel_prior(build("unet_ddpm_tiny"), str(path), learned_sigma=False, image_size=16)
     torch.testing.assert_close(prior(x, t), out)
     bad = {k: v for k, v in src.state_dict().items() if "mid.attn_1" not in k}
     torch.save(bad, tmp_path / "bad.ckpt")
     with pytest.raises(CheckpointMismatchError, match="missing keys") as err:
-        load_ddpm_unet(build("unet_ddpm_tiny"), tmp_path / "bad.ckpt")
+        load_pixel_prior(build("unet_ddpm_tiny"), str(tmp_path / "bad.ckpt"))
     assert "mid.attn_1.q.weight" in err.value.missing

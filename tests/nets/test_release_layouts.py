@@ -30,13 +30,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-import bir.lit.stage2 as stage2_module
+import bir.nets.checkpoints as checkpoints_module
 from bir.cli import CONFIG_DIR
 from bir.lit.stage2 import load_stage1
 from bir.nets.controlldm import ControlLDM
-from bir.nets.rrdbnet import RRDBNet
-from bir.nets.scunet import SCUNet
-from bir.nets.swinir import SwinIR
 
 NET_CONF = Path(CONFIG_DIR) / "net"
 
@@ -321,13 +318,11 @@ def test_released_layout_loads_strictly_at_real_size(real_size, filename, monkey
         ldm.cond_encoder = None
     if spec.stage1 is not None:
         # the stage-1 loader DiffBIR / stage-2 use, with reading the file replaced
-        monkeypatch.setattr(stage2_module, "load_checkpoint", lambda *a, **k: state)
+        monkeypatch.setattr(checkpoints_module, "load_checkpoint", lambda *a, **k: state)
         load_stage1(real_size[spec.stage1], filename, "method.stage1_ckpt_path")
-        # and the networks' own loaders
-        cls = {"swinir": SwinIR, "bsrnet": RRDBNet, "scunet": SCUNet}[spec.stage1]
+        # and the one loader of every network (method=swinir's), from a bare release file
         if spec.parts == {"": spec.stage1}:
-            monkeypatch.setattr(f"{cls.__module__}.load_checkpoint", lambda *a, **k: state)
-            real_size[spec.stage1].load_weights(filename)
+            checkpoints_module.load_net(real_size[spec.stage1], filename)
 
 
 def test_released_layout_with_a_key_missing_is_refused(real_size):
@@ -420,7 +415,8 @@ def test_tiny_file_in_the_release_format_loads_through_bir(tmp_path, filename):
         if spec.parts == {"": spec.stage1}:
             cfg = OmegaConf.to_container(OmegaConf.load(NET_CONF / f"{TINY[spec.stage1]}.yaml"))
             cls = hydra.utils.get_class(cfg.pop("_target_"))
-            assert_same_tensors(cls.from_checkpoint(path, **cfg), nets[spec.stage1])
+            loaded = checkpoints_module.load_net(cls(**cfg), path)
+            assert_same_tensors(loaded, nets[spec.stage1])
 
 
 def test_control_dict_saved_from_data_parallel_loads(tmp_path):

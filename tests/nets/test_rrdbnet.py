@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError
+from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError, load_net
 from bir.nets.rrdbnet import BSRNET_URL, RRDBNet
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
@@ -127,8 +127,8 @@ def test_strict_round_trip(tmp_path, wrap):
     }[wrap]
     torch.save(obj, tmp_path / "BSRNet.pth")
     cfg = OmegaConf.load(CONF / "bsrnet_tiny.yaml")
-    dst = RRDBNet.from_checkpoint(
-        tmp_path / "BSRNet.pth", **{k: v for k, v in cfg.items() if k != "_target_"}
+    dst = load_net(
+        RRDBNet(**{k: v for k, v in cfg.items() if k != "_target_"}), tmp_path / "BSRNet.pth"
     )
     x = torch.rand(1, 3, 9, 11)
     with torch.no_grad():
@@ -143,11 +143,11 @@ def test_mismatches_and_missing_file_are_named(tmp_path):
     with pytest.raises(
         CheckpointMismatchError, match=r"(?s)missing keys \(1\).*HRconv.bias.*extra"
     ):
-        RRDBNet(nf=8, nb=1, gc=4).load_weights(tmp_path / "bad.pth")
+        load_net(RRDBNet(nf=8, nb=1, gc=4), tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match=r"shape mismatches.*\n    HRconv.weight"):
-        RRDBNet(nf=16, nb=1, gc=4).load_weights(tmp_path / "bad.pth")  # wrong width: shapes
+        load_net(RRDBNet(nf=16, nb=1, gc=4), tmp_path / "bad.pth")  # wrong width: shapes
     with pytest.raises(MissingCheckpointError) as err:
-        RRDBNet.from_checkpoint(tmp_path / "BSRNet.pth", config_key="method.stage1_ckpt_path", nb=1)
+        load_net(RRDBNet(nb=1), tmp_path / "BSRNet.pth", config_key="method.stage1_ckpt_path")
     assert BSRNET_URL in str(err.value) and "method.stage1_ckpt_path" in str(err.value)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError
+from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError, load_net
 from bir.nets.scunet import (
     SCUNET_URL,
     WMSA,
@@ -212,7 +212,7 @@ def test_strict_round_trip(tmp_path, wrap):
         "module": {f"module.{k}": v for k, v in state.items()},
     }[wrap]
     torch.save(obj, tmp_path / "scunet_color_real_psnr.pth")
-    dst = SCUNet.from_checkpoint(tmp_path / "scunet_color_real_psnr.pth", **tiny_config())
+    dst = load_net(SCUNet(**tiny_config()), tmp_path / "scunet_color_real_psnr.pth")
     x = torch.rand(1, 3, 21, 17)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
@@ -223,9 +223,11 @@ def test_mismatches_and_missing_file_are_named(tmp_path):
     del state["m_tail.0.weight"]
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\):\n    m_tail.0.weight"):
-        SCUNet(**tiny_config()).load_weights(tmp_path / "bad.pth")
+        load_net(SCUNet(**tiny_config()), tmp_path / "bad.pth")
     with pytest.raises(MissingCheckpointError) as err:
-        SCUNet.from_checkpoint(tmp_path / "nope.pth", config_key="method.stage1_ckpt_path")
+        load_net(
+            SCUNet(**tiny_config()), tmp_path / "nope.pth", config_key="method.stage1_ckpt_path"
+        )
     assert SCUNET_URL in str(err.value) and "method.stage1_ckpt_path" in str(err.value)
 
 

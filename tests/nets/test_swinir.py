@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError
+from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError, load_net
 from bir.nets.swinir import (
     MASK_VALUE,
     RGB_MEAN,
@@ -189,7 +189,7 @@ def test_round_trip_bare_and_lightning_wrapped(tmp_path):
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, "global_step": 7, "epoch": 0}, wrapped)
     for path in (bare, wrapped):
-        loaded = SwinIR.from_checkpoint(path, **{**TINY, "drop_path_rate": 0.0}).eval()
+        loaded = load_net(SwinIR(**{**TINY, "drop_path_rate": 0.0}), path).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), ref)
 
@@ -202,7 +202,7 @@ def test_strict_loading_lists_missing_and_unexpected(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointMismatchError) as err:
-        SwinIR.from_checkpoint(path, **TINY)
+        load_net(SwinIR(**TINY), path)
     assert err.value.missing == ["layers.0.residual_group.blocks.1.attn_mask"]
     assert err.value.unexpected == ["layers.0.extra.weight"]
     assert any(k.startswith("conv_last.bias") for k in err.value.mismatched)
@@ -210,7 +210,7 @@ def test_strict_loading_lists_missing_and_unexpected(tmp_path):
 
 def test_missing_file_names_the_release(tmp_path):
     with pytest.raises(MissingCheckpointError, match="general_swinir_v1.ckpt"):
-        SwinIR.from_checkpoint(tmp_path / "nope.ckpt", config_key="ckpt", **TINY)
+        load_net(SwinIR(**TINY), tmp_path / "nope.ckpt", config_key="ckpt")
 
 
 def test_rejects_inconsistent_unshuffle():

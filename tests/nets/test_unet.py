@@ -12,15 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from bir.nets.attention import CrossAttention, qkv_attention, qkv_attention_legacy
-from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError
-from bir.nets.unet import (
-    AttentionBlock,
-    UNetModel,
-    ema_key,
-    load_adm_unet,
-    load_sd_unet,
-    timestep_embedding,
-)
+from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError, load_net
+from bir.nets.unet import AttentionBlock, UNetModel, timestep_embedding
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
 
@@ -252,40 +245,29 @@ def test_gradient_checkpointing_gives_identical_gradients():
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def test_sd_full_checkpoint_round_trip_and_ema(tmp_path):
+def test_sd_full_checkpoint_round_trip(tmp_path):
+    """The UNet found in an ldm full checkpoint under its class's prefix (model.diffusion_model.)
+    beside the other SD parts, strictly."""
     src = randomize(build("unet_sd_tiny"), seed=1)
-    ema = randomize(build("unet_sd_tiny"), seed=2)
     full = {f"model.diffusion_model.{k}": v for k, v in src.state_dict().items()}
     full["first_stage_model.encoder.conv_in.weight"] = torch.zeros(3)
     full["cond_stage_model.model.positional_embedding"] = torch.zeros(3)
-    full.update({ema_key(k): v for k, v in ema.named_parameters()})
-    full["model_ema.decay"] = torch.tensor(0.9999)
-    full["model_ema.num_updates"] = torch.tensor(10)
     path = tmp_path / "sd.ckpt"
     torch.save({"state_dict": full, "global_step": 5}, path)
-    assert ema_key("input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
 
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([9]), torch.randn(1, 2, 16)
-    dst = load_sd_unet(build("unet_sd_tiny"), path).eval()
+    dst = load_net(build("unet_sd_tiny"), path).eval()
     torch.testing.assert_close(dst(x, t, ctx), src.eval()(x, t, ctx))
-    dst_ema = load_sd_unet(build("unet_sd_tiny"), path, use_ema=True).eval()
-    torch.testing.assert_close(dst_ema(x, t, ctx), ema.eval()(x, t, ctx))
 
     # strict: a missing and a mis-shaped key are both reported
     broken = {k: v for k, v in full.items() if k != "model.diffusion_model.out.2.bias"}
     broken["model.diffusion_model.out.0.weight"] = torch.zeros(7)
     torch.save(broken, tmp_path / "broken.ckpt")
     with pytest.raises(CheckpointMismatchError) as err:
-        load_sd_unet(build("unet_sd_tiny"), tmp_path / "broken.ckpt")
+        load_net(build("unet_sd_tiny"), tmp_path / "broken.ckpt")
     assert "out.2.bias" in str(err.value) and "out.0.weight" in str(err.value)
-    # no EMA in the file -> a clear error
-    torch.save(
-        {k: v for k, v in full.items() if not k.startswith("model_ema.")}, tmp_path / "p.ckpt"
-    )
-    with pytest.raises(CheckpointMismatchError, match="ema-pruned"):
-        load_sd_unet(build("unet_sd_tiny"), tmp_path / "p.ckpt", use_ema=True)
-    with pytest.raises(MissingCheckpointError, match="net.ckpt_path"):
-        load_sd_unet(build("unet_sd_tiny"), tmp_path / "absent.ckpt")
+    with pytest.raises(MissingCheckpointError, match="net.sd_ckpt_path"):
+        load_net(build("unet_sd_tiny"), tmp_path / "absent.ckpt", config_key="net.sd_ckpt_path")
 
 
 def test_adm_bare_and_prefixed_round_trip(tmp_path):
@@ -294,7 +276,7 @@ def test_adm_bare_and_prefixed_round_trip(tmp_path):
     for prefix in ("", "module."):
         path = tmp_path / f"adm{prefix}.pt"
         torch.save({prefix + k: v for k, v in src.state_dict().items()}, path)
-        dst = load_adm_unet(build("unet_adm_tiny"), path).eval()
+        dst = load_net(build("unet_adm_tiny"), path).eval()
         torch.testing.assert_close(dst(x, t), src(x, t))
     # a checkpoint of another architecture (new attention order does not change keys, but a
     # different width does) fails with the offending shapes listed
@@ -311,7 +293,7 @@ def test_adm_bare_and_prefixed_round_trip(tmp_path):
     )
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
-        load_adm_unet(build("unet_adm_tiny"), tmp_path / "other.pt")
+        load_net(build("unet_adm_tiny"), tmp_path / "other.pt")
 
 
 def test_inspect_checkpoint_script(tmp_path, capsys):

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bir.nets.checkpoints import CheckpointMismatchError
-from bir.nets.vae import AutoencoderKL, DiagonalGaussianDistribution, load_vae
+from bir.nets.checkpoints import CheckpointMismatchError, load_net
+from bir.nets.vae import AutoencoderKL, DiagonalGaussianDistribution
 from bir.random import sample_generators
 from bir.tiling import tiled_apply
 
@@ -91,17 +91,17 @@ def test_full_sd_checkpoint_round_trip_and_mismatch(tmp_path):
     full["model.diffusion_model.out.2.weight"] = torch.zeros(4, 32, 3, 3)
     full["cond_stage_model.model.ln_final.weight"] = torch.zeros(16)
     torch.save({"state_dict": full}, tmp_path / "sd.ckpt")
-    dst = load_vae(build("vae_tiny"), tmp_path / "sd.ckpt").eval()
+    dst = load_net(build("vae_tiny"), tmp_path / "sd.ckpt").eval()
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(dst(x), src(x))
     # a stand-alone ldm VAE training checkpoint carries its loss modules: they are ignored
     own = dict(src.state_dict(), **{"loss.logvar": torch.zeros(())})
     torch.save(own, tmp_path / "vae.ckpt")
-    torch.testing.assert_close(load_vae(build("vae_tiny"), tmp_path / "vae.ckpt").eval()(x), src(x))
+    torch.testing.assert_close(load_net(build("vae_tiny"), tmp_path / "vae.ckpt").eval()(x), src(x))
     del full["first_stage_model.post_quant_conv.bias"]
     torch.save(full, tmp_path / "broken.ckpt")
     with pytest.raises(CheckpointMismatchError, match="post_quant_conv.bias"):
-        load_vae(build("vae_tiny"), tmp_path / "broken.ckpt")
+        load_net(build("vae_tiny"), tmp_path / "broken.ckpt")
 
 
 def test_vae_tiling_is_exact_for_local_functions():
