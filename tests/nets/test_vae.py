@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from bir.nets.checkpoints import CheckpointMismatchError
-from bir.nets.vae import AutoencoderKL, DiagonalGaussianDistribution, load_vae, tiled_map
+from bir.nets.vae import DiagonalGaussianDistribution, load_vae, tiled_map
 from bir.random import sample_generators
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
-
-
-def build(name: str) -> AutoencoderKL:
-    return instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+from tests.conftest import build_net as build
 
 
 def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
