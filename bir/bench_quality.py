@@ -48,13 +48,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bir.cli import CONFIG_DIR
 from bir.data.io import IMAGE_SUFFIXES, FolderError, list_images, read_image, save_image
 from bir.data.samples import HOLDOUT_PHOTOS, TRAIN_PHOTOS, sample_photo
 from bir.errors import UsageError
 from bir.metrics import psnr, ssim
 from bir.random import sample_generators
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONFIG_DIR)  # the config tree of every entry point (bir/conf or BIR_CONFIG_DIR)
 PRIOR_RUN = Path("outputs/prior_samples/prior_samples")
 QUICKSTART_ROOT = Path("outputs/quickstart")
 

@@ -32,7 +32,7 @@ from bir.errors import UsageError
 log = logging.getLogger("bir")
 
 #: the config tree of every entry point (override with the BIR_CONFIG_DIR environment variable)
-CONFIG_DIR = os.environ.get("BIR_CONFIG_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+CONFIG_DIR = os.environ.get("BIR_CONFIG_DIR", str(Path(__file__).resolve().parent / "conf"))
 
 #: exit status of a command stopped by a user error (as argparse uses for bad arguments)
 USER_ERROR_EXIT = 2

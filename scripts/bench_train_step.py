@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from bir.nets.swinir import SwinIR
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "net"
+CONF = Path(__file__).resolve().parents[1] / "bir" / "conf" / "net"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
     python scripts/gpu_check.py --smoke       # CPU, tiny nets and sizes, a few steps (the tests)
     make gpu-check
 
-Every network is built at its released size from bir's configs (``conf/net/*.yaml``) with
+Every network is built at its released size from bir's configs (``bir/conf/net/*.yaml``) with
 random weights (no files needed): SD 2.1 UNet + ControlNet + VAE + OpenCLIP ViT-H text tower
 (``controlnet_sd21``), ADM 256 unconditional (``prior=adm256_uncond``) and DiffBIR's SwinIR
 (``swinir_diffbir``). Each row is a ratio against a baseline measured in the same run:
@@ -255,7 +255,7 @@ def _compose(config: str, overrides: tuple[str, ...]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "bir" / "conf"), version_base="1.3"):
         return hydra_compose(config, overrides=list(overrides))
 
 

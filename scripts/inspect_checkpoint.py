@@ -1,7 +1,7 @@
 """Print what a checkpoint holds and whether it loads into a bir network config.
 
 Usage:
-    python scripts/inspect_checkpoint.py PATH [--net conf/net/unet_sd21.yaml] [--prefix auto]
+    python scripts/inspect_checkpoint.py PATH [--net bir/conf/net/unet_sd21.yaml] [--prefix auto]
         [--depth 2] [--show 20] [--trust-pickle]
 
 Prints the detected format (ldm full / Lightning / bare / ...), key counts per leading prefix,
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("path", help="checkpoint file (.ckpt/.pt/.pth/.bin/.safetensors)")
-    parser.add_argument("--net", help="a conf/net/*.yaml network config to test loading against")
+    parser.add_argument(
+        "--net", help="a bir/conf/net/*.yaml network config to test loading against"
+    )
     parser.add_argument(
         "--prefix", default="auto", help="key prefix of the network ('auto': best match)"
     )

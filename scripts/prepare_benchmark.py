@@ -1,12 +1,12 @@
 """Build the inputs of a benchmark from a local copy of its dataset.
 
-    python scripts/prepare_benchmark.py conf/benchmark/bir_d_imagenet.yaml \
+    python scripts/prepare_benchmark.py bir/conf/benchmark/bir_d_imagenet.yaml \
         --data-root /data --out benchmarks/bir_d_imagenet [--tasks sr4 deblur] [--limit 10]
 
 Writes, under ``--out``: ``gt/<name>.png`` (centre-cropped, resized ground truths),
 ``<task>/lq/<name>.png`` (degraded with a fixed per-image seed: ``operator:`` tasks observe
-``y = A(x) + sigma n`` through the ``conf/operator`` config they name, with their ``overrides``
-(:func:`bir.operators.synthetic.observe`), ``degradation:`` tasks run a ``conf/degradation``
+``y = A(x) + sigma n`` through the ``bir/conf/operator`` config they name, with their ``overrides``
+(:func:`bir.operators.synthetic.observe`), ``degradation:`` tasks run a ``bir/conf/degradation``
 pipeline, paired ``lq_dir:`` tasks are copied), ``<task>/truth/<name>.pt`` (kernels / masks
 when the operator has them), ``files.txt`` and ``benchmark.json`` (the resolved config, with the
 published figures).
@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from bir.cli import CONFIG_DIR
 from bir.data.io import list_images, read_image, save_image
 from bir.errors import UsageError
 from bir.random import sample_generators
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def centre_square(img: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -64,11 +63,13 @@ def degrade_task(task: dict, gt: torch.Tensor, seed: int, index: int) -> tuple[t
         op = known_operator(task["operator"], task.get("overrides"))
         lq, truth = observe(gt[None], op, float(task.get("sigma", 0.0)), gens)
         return lq[0], {k: v[0] for k, v in truth.items() if isinstance(v, torch.Tensor)}
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    pipeline = instantiate(
-        OmegaConf.load(REPO / "conf" / "degradation" / f"{task['degradation']}.yaml")
-    )
+    # composed, not loaded: a degradation file may extend another through its defaults list
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        overrides = [f"degradation={task['degradation']}", "input=x", "output=y"]
+        pipeline = instantiate(compose("degrade", overrides=overrides).degradation)
     result = pipeline(gt[None], gens)
     return result.lq[0], {}
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("config", type=Path, help="a conf/benchmark/*.yaml file")
+    parser.add_argument("config", type=Path, help="a bir/conf/benchmark/*.yaml file")
     parser.add_argument("--data-root", type=Path, required=True, help="folder holding the datasets")
     parser.add_argument("--out", type=Path, required=True, help="where to write gt/ and <task>/lq/")
     parser.add_argument("--tasks", nargs="*", default=None, help="subset of the config's tasks")

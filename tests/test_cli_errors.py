@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from bir import config_checks
 from bir.cli import (
@@ -27,6 +25,7 @@ from bir.cli import (
 from bir.data.io import save_image
 from bir.errors import UsageError
 from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError
+from tests.conftest import EXPERIMENT_CHOICES, compose_run, experiment_entry
 
 BIN = Path(sys.executable).parent
 
@@ -42,14 +41,7 @@ def run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
 
     def go(task, entry: str, overrides: list[str]) -> tuple[int | None, str]:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(entry, overrides=overrides, return_hydra_config=True)
-        OmegaConf.set_readonly(cfg, False)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path / "outputs" / cfg.task_name / cfg.run_name)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
+        cfg = compose_run(entry, overrides, tmp_path)
         capsys.readouterr()
         with pytest.raises(SystemExit) as stop:
             user_errors(f"bir-{entry}")(task)(cfg)
@@ -174,22 +166,6 @@ def test_console_script_prints_one_line_and_exits_2(tmp_path, folders):
     ]
 
 
-def _composed(entry: str, overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(entry, overrides=overrides, return_hydra_config=True)
-    OmegaConf.set_readonly(cfg, False)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-#: what a user must give an experiment (its ??? keys)
-USER_CHOICES = {"prior_folder": ["data.train.root=photos/train", "data.val.root=photos/holdout"]}
-
-
 def test_every_shipped_experiment_and_method_passes_the_checks(tmp_path):
     """No false alarm: the checks accept every experiment and method as shipped, given what a
     user must choose (a prior; an operator for a bare zero-shot method; the folders)."""
@@ -199,16 +175,14 @@ def test_every_shipped_experiment_and_method_passes_the_checks(tmp_path):
         for m in _choices("method")
     ]
     for exp in _choices("experiment"):
-        text = (Path(CONFIG_DIR) / "experiment" / f"{exp}.yaml").read_text()
-        restores = "/method" in text  # a restore experiment picks its method
         cases.append(
             ("restore", [f"experiment={exp}", "prior=tiny", *folders])
-            if restores
-            else ("train", [f"experiment={exp}", *USER_CHOICES.get(exp, [])])
+            if experiment_entry(exp) == "restore"
+            else ("train", [f"experiment={exp}", *EXPERIMENT_CHOICES.get(exp, [])])
         )
     cases += [("degrade", ["input=in", "output=out"]), ("eval", ["pred=p"])]
     for entry, overrides in cases:
-        cfg = _composed(entry, overrides, tmp_path)
+        cfg = compose_run(entry, overrides, tmp_path)
         config_checks.resolve_all(cfg, CONFIG_DIR)
         config_checks.check_arguments(cfg)
 

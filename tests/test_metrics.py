@@ -17,6 +17,7 @@ from torch import nn
 
 from bir import metrics as M
 from bir.nets.checkpoints import MissingCheckpointError
+from tests.conftest import CONF
 
 
 def _photo(name: str, size: int = 64) -> torch.Tensor:
@@ -387,7 +388,7 @@ def test_every_metric_name_has_one_kind_and_the_lists_follow_the_table():
     # bir-eval's config sets a file for every weights key of the table, and no other
     import yaml
 
-    eval_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "eval.yaml").read_text())
+    eval_cfg = yaml.safe_load((CONF / "eval.yaml").read_text())
     assert set(eval_cfg["weights"]) == {s.weights_key for s in M.METRICS.values() if s.weights_key}
 
 

@@ -296,11 +296,11 @@ def save_tiny_adm(path: Path) -> None:
     """Random ``unet_adm_tiny`` weights saved as guided-diffusion publishes its prior: a bare
     state dict (``torch.save(model.state_dict())``)."""
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+
+    from tests.conftest import build_net
 
     torch.manual_seed(0)
-    net = instantiate(OmegaConf.load(ROOT / "conf" / "net" / "unet_adm_tiny.yaml"))
+    net = build_net("unet_adm_tiny")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 

@@ -91,8 +91,8 @@ def bird_timesteps(T: int, delta_t: int) -> list[int]:
 class BIRD(pl.LightningModule):
     """BIRD as a predict module (``bir-restore method=bird``).
 
-    ``predict_step`` optimises, so the Trainer must run with ``inference_mode=False`` (the
-    restore config sets it); the step enables gradients itself.
+    ``predict_step`` optimises: it leaves inference mode (Lightning predicts under it by default)
+    and enables gradients itself; :meth:`restore` called directly refuses inference mode.
 
     Image sizes: x_T has the size of x implied by the observation (``operator.input_size``),
     padded at the bottom/right to a multiple of ``size_multiple`` (the net's total
@@ -270,7 +270,9 @@ class BIRD(pl.LightningModule):
         """``batch``: ``lq`` [B, 3, h, w] in [0, 1], ``name``, ``index``; returns the contract's
         ``name``, ``restored``, ``loss_curve``, ``kernel`` (when estimated) and ``extras``
         (``final_loss``: the data term of the returned image)."""
-        result = self.restore(batch["lq"], batch["index"])
+        # Lightning may predict under inference mode; the optimisation needs autograd.
+        with torch.inference_mode(False):
+            result = self.restore(batch["lq"].clone(), torch.as_tensor(batch["index"]).clone())
         final_loss = result["loss_curve"][:, result["result_iteration"]]
         out = {
             "name": batch["name"],

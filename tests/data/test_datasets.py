@@ -129,10 +129,9 @@ def test_cached_folder_dataset_hands_out_copies(tmp_path):
 
 def test_prior_folder_experiment_trains_on_any_folder(tmp_path):
     import hydra
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from bir.bench_quality import CONF
+    from tests.conftest import compose_config, net_config
 
     g = torch.Generator().manual_seed(0)
     for split, n in (("train", 3), ("holdout", 2)):
@@ -143,10 +142,9 @@ def test_prior_folder_experiment_trains_on_any_folder(tmp_path):
         f"data.train.root={tmp_path / 'train'}",
         f"data.val.root={tmp_path / 'holdout'}",
     ]
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-        bare = compose("train", overrides=["experiment=prior_folder"])
-    samples = OmegaConf.load(CONF / "net" / "unet_adm_samples.yaml")
+    cfg = compose_config("train", *overrides)
+    bare = compose_config("train", "experiment=prior_folder")
+    samples = net_config("unet_adm_samples")
     assert OmegaConf.to_container(cfg.net) == OmegaConf.to_container(samples)  # same model size
     assert cfg.data.train.crop_size == 64 and cfg.data.train.cache is True
     assert OmegaConf.is_missing(bare.data.train, "root") and OmegaConf.is_missing(

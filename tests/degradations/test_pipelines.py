@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from bir.degradations import (
@@ -17,8 +15,7 @@ from bir.degradations import (
     SingleStageDegradation,
 )
 from bir.random import sample_generators
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from tests.conftest import compose_config
 
 
 def _gt(batch: int = 4, size: int = 48) -> torch.Tensor:
@@ -31,8 +28,7 @@ def _gt(batch: int = 4, size: int = 48) -> torch.Tensor:
 
 
 def _compose(name: str):
-    with initialize_config_dir(config_dir=str(CONF / "degradation"), version_base="1.3"):
-        return compose(config_name=name)
+    return compose_config("degrade", f"degradation={name}").degradation
 
 
 PIPELINES = {

@@ -3,13 +3,11 @@ to plain DDPM, toggles, guards, per-sample independence, patches, presets."""
 
 import logging
 import math
-from pathlib import Path
 
 import hydra
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from bir.diffusion.parameterization import ModelOutput
@@ -27,8 +25,8 @@ from bir.lit.pixel_ddpm import load_pixel_prior
 from bir.operators.kernel_mask import KernelMaskOperator
 from bir.operators.lowlight import LowLightOperator
 from bir.random import randn, sample_generators
+from tests.conftest import compose_config, net_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 STEPS = 12
 
 
@@ -456,10 +454,7 @@ PRESETS = {
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_instantiate_with_the_released_numbers(prior, name):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="restore", overrides=[f"experiment={name}", "input=x", "output=y"]
-        )
+    cfg = compose_config("restore", f"experiment={name}")
     cls, scale, adaptive, dynamic, noisy = PRESETS[name]
     assert (
         cfg.method.guidance_scale,
@@ -480,11 +475,7 @@ def test_preset_kernels_are_the_scripts():
     from bir.operators.kernel_mask import gkern
 
     def operator(name):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name="restore", overrides=[f"experiment={name}", "input=x", "output=y"]
-            )
-        return hydra.utils.instantiate(cfg.operator)
+        return hydra.utils.instantiate(compose_config("restore", f"experiment={name}").operator)
 
     deblur = operator("bir_d_deblur")
     deblur.init_batch((1, 3, 16, 16))
@@ -503,10 +494,7 @@ def test_preset_kernels_are_the_scripts():
 def test_gdp_inpaint_mask_is_the_scripts_quarter_of_random_pixels():
     # sample_x0_inp.py (deg="inp") removes the first 256^2 // 4 entries of a pixel permutation
     # (inp_masks/mask.np), all channels: 25% of the pixels missing at random, not a box
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="restore", overrides=["experiment=gdp_inpaint", "input=x", "output=y"]
-        )
+    cfg = compose_config("restore", "experiment=gdp_inpaint")
     op = hydra.utils.instantiate(cfg.operator)
     op.init_batch((2, 3, 64, 64), sample_generators(0, [0, 1]))
     mask = op.loss_mask()
@@ -519,12 +507,7 @@ def test_gdp_inpaint_mask_is_the_scripts_quarter_of_random_pixels():
 
 
 def test_guidance_scale_sweep_config():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="restore",
-            overrides=["sweep=guidance_scale", "method=gdp", "input=x", "output=y"],
-            return_hydra_config=True,
-        )
+    cfg = compose_config("restore", "sweep=guidance_scale", "method=gdp", hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert "method.guidance_scale" in params and params["method.adaptive_scale"] == "false,true"
 
@@ -532,10 +515,8 @@ def test_guidance_scale_sweep_config():
 @pytest.mark.slow
 def test_with_the_tiny_adm_unet(tmp_path):
     """The real ADM UNet (conf/net/unet_adm_tiny.yaml), saved and loaded through PixelPrior."""
-    from omegaconf import OmegaConf
-
     torch.manual_seed(0)
-    net_cfg = OmegaConf.load(CONF / "net" / "unet_adm_tiny.yaml")
+    net_cfg = net_config("unet_adm_tiny")
     torch.save(hydra.utils.instantiate(net_cfg).state_dict(), tmp_path / "adm.pt")
     adm = load_pixel_prior(
         hydra.utils.instantiate(net_cfg), str(tmp_path / "adm.pt"), image_size=16

@@ -5,7 +5,6 @@ result iteration, batch independence, operator parameters learned, sizes, the Tr
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -24,8 +23,7 @@ from bir.operators import (
     LearnableKernelBlur,
     LowLightOperator,
 )
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from tests.conftest import compose_config
 
 
 class TinyEpsNet(nn.Module):
@@ -428,6 +426,11 @@ def test_predict_through_the_trainer_returns_the_contract(tmp_path):
         accelerator="cpu", inference_mode=False, logger=logger, enable_progress_bar=False
     )
     (out,) = trainer.predict(bird, dataloaders=loader)
+    # Lightning's default inference mode: BIRD leaves it itself and returns the same images
+    default = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    (same,) = default.predict(bird, dataloaders=loader)
+    assert torch.equal(same["restored"], out["restored"])
+    assert torch.equal(same["loss_curve"], out["loss_curve"])
     assert out["name"] == ["img0", "img1"] and out["restored"].shape == (2, 3, 16, 16)
     assert out["loss_curve"].shape == (2, 3) and out["kernel"].shape == (2, 1, 3, 3)
     assert torch.equal(out["extras"]["final_loss"], out["loss_curve"][:, 2])  # the returned image's
@@ -449,12 +452,7 @@ PRESETS = {  # released configs/*.yml: operator, Optimization_steps, lr (lr_img)
 
 
 def compose_preset(experiment: str, *overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "restore", overrides=[f"experiment={experiment}", "input=a", "output=b", *overrides]
-        )
+    return compose_config("restore", f"experiment={experiment}", *overrides)
 
 
 @pytest.mark.parametrize("experiment", sorted(PRESETS))

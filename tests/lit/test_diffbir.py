@@ -14,13 +14,12 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from bir.cli import CONFIG_DIR
 from bir.errors import UsageError
 from bir.lit.diffbir import DiffBIR
 from bir.tiling import num_tiles
+from tests.conftest import compose_config
 
 
 @pytest.fixture(autouse=True)
@@ -35,17 +34,12 @@ def _single_thread():
 def tiny_method(seed: int = 0, **overrides) -> DiffBIR:
     """The real method=diffbir config with the tiny networks (random weights, trained-looking
     ControlNet: non-zero zero-convs and hint weights)."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "restore",
-            overrides=[
-                "method=diffbir",
-                "input=x",
-                "output=y",
-                "net@method.controlldm=controlnet_tiny",
-                "net@method.stage1=swinir_tiny",
-            ],
-        )
+    cfg = compose_config(
+        "restore",
+        "method=diffbir",
+        "net@method.controlldm=controlnet_tiny",
+        "net@method.stage1=swinir_tiny",
+    )
     torch.manual_seed(seed)
     unet = hydra.utils.instantiate(cfg.method.controlldm.unet)
     nn.init.normal_(unet.out[2].weight, std=0.02)
@@ -226,10 +220,7 @@ PRESETS = {
 
 
 def compose_preset(experiment: str, overrides=()):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(
-            "restore", overrides=[f"experiment={experiment}", "input=x", "output=y", *overrides]
-        )
+    return compose_config("restore", f"experiment={experiment}", *overrides)
 
 
 def tiny_preset(experiment: str, seed: int = 0, **overrides) -> DiffBIR:
@@ -287,9 +278,8 @@ def test_release_presets_compose_with_the_release_defaults(experiment):
 
 
 def test_stage2_release_preset_is_the_released_recipe():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        ours = compose("train", overrides=["experiment=diffbir_stage2"])
-        release = compose("train", overrides=["experiment=diffbir_stage2_release"])
+    ours = compose_config("train", "experiment=diffbir_stage2")
+    release = compose_config("train", "experiment=diffbir_stage2_release")
     assert release.model.optimizer._target_ == "torch.optim.AdamW"
     assert release.model.optimizer.weight_decay == 0.01 and release.model.ema_decay is None
     assert release.trainer.precision == "32-true"

@@ -14,15 +14,14 @@ import hydra
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from bir.cli import CONFIG_DIR
 from bir.degradations import DegradationResult
 from bir.lit.stage2 import FROZEN_PREFIXES, Stage2ControlLDM
 from bir.nets.checkpoints import load_checkpoint
 from bir.random import randn
+from tests.conftest import compose_config
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -38,8 +37,7 @@ def _single_thread():
 
 def tiny_parts(seed: int = 0):
     """(ControlLDM, SwinIR) from the real tiny configs, random weights."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=diffbir_stage2_tiny"])
+    cfg = compose_config("train", "experiment=diffbir_stage2_tiny")
     torch.manual_seed(seed)
     unet = hydra.utils.instantiate(cfg.net.unet)
     nn.init.normal_(unet.out[2].weight, std=0.02)  # a trained UNet's output conv is not zero

@@ -212,12 +212,10 @@ def test_clip_loads_from_sd_checkpoint_layout(tmp_path):
 def tiny_controlldm(seed: int = 0, **overrides):
     """The real ``net=controlnet_tiny`` config, instantiated with random weights."""
     import hydra
-    from hydra import compose, initialize_config_dir
 
-    from bir.cli import CONFIG_DIR
+    from tests.conftest import compose_config
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["net=controlnet_tiny"])
+    cfg = compose_config("train", "net=controlnet_tiny")
     torch.manual_seed(seed)
     unet = hydra.utils.instantiate(cfg.net.unet)
     torch.nn.init.normal_(unet.out[2].weight, std=0.02)  # trained output conv is not zero

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from bir.lit.pixel_ddpm import load_pixel_prior
 from bir.nets.attention import SpatialSelfAttention
 from bir.nets.checkpoints import CheckpointMismatchError
-from bir.nets.ddpm_unet import DDPMUNet, Downsample, ddpm_timestep_embedding
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
-
-
-def build(name: str) -> DDPMUNet:
-    return instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+from bir.nets.ddpm_unet import Downsample, ddpm_timestep_embedding
+from tests.conftest import build_net as build
 
 
 def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError, load_net
 from bir.nets.rrdbnet import BSRNET_URL, RRDBNet
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
+from tests.conftest import net_config
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +23,7 @@ def _single_thread():
 def tiny(seed: int = 0, **overrides) -> RRDBNet:
     """The real ``conf/net/bsrnet_tiny.yaml``, with random (not near-identity) weights."""
     torch.manual_seed(seed)
-    net = hydra.utils.instantiate(OmegaConf.load(CONF / "bsrnet_tiny.yaml"), **overrides)
+    net = hydra.utils.instantiate(net_config("bsrnet_tiny"), **overrides)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -126,7 +122,7 @@ def test_strict_round_trip(tmp_path, wrap):
         "module": {f"module.{k}": v for k, v in state.items()},
     }[wrap]
     torch.save(obj, tmp_path / "BSRNet.pth")
-    cfg = OmegaConf.load(CONF / "bsrnet_tiny.yaml")
+    cfg = net_config("bsrnet_tiny")
     dst = load_net(
         RRDBNet(**{k: v for k, v in cfg.items() if k != "_target_"}), tmp_path / "BSRNet.pth"
     )

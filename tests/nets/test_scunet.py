@@ -3,8 +3,6 @@ names, which stages shift, strict loading."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import pytest
 import torch
@@ -18,8 +16,7 @@ from bir.nets.scunet import (
     relative_position_index,
     shifted_window_mask,
 )
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
+from tests.conftest import net_config
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +28,7 @@ def _single_thread():
 
 
 def tiny_config() -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "scunet_tiny.yaml"))
+    cfg = OmegaConf.to_container(net_config("scunet_tiny"))
     cfg.pop("_target_")
     return cfg
 
@@ -39,7 +36,7 @@ def tiny_config() -> dict:
 def tiny(seed: int = 0) -> SCUNet:
     """The real ``conf/net/scunet_tiny.yaml`` with random biases and a unit position bias."""
     torch.manual_seed(seed)
-    net = hydra.utils.instantiate(OmegaConf.load(CONF / "scunet_tiny.yaml"))
+    net = hydra.utils.instantiate(net_config("scunet_tiny"))
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("relative_position_params"):

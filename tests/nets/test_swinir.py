@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -20,8 +18,7 @@ from bir.nets.swinir import (
     window_partition,
     window_reverse,
 )
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
+from tests.conftest import net_config
 
 TINY = dict(
     img_size=8,
@@ -95,7 +92,7 @@ def test_zero_head_outputs_the_rgb_mean():
 
 
 def test_state_dict_matches_diffbir_layout():
-    cfg = OmegaConf.load(CONF / "swinir_diffbir.yaml")
+    cfg = net_config("swinir_diffbir")
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
     net = SwinIR(**kwargs)
     state = net.state_dict()
@@ -115,7 +112,7 @@ def test_state_dict_matches_diffbir_layout():
 
 
 def test_tiny_config_is_small_and_loads_keys():
-    cfg = OmegaConf.load(CONF / "swinir_tiny.yaml")
+    cfg = net_config("swinir_tiny")
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
     net = SwinIR(**kwargs)
     assert set(net.state_dict()) == diffbir_keys(kwargs["depths"], sf=kwargs["sf"])
@@ -243,7 +240,7 @@ def test_default_diffbir_net_on_one_window_tall_grids():
     from hydra.utils import instantiate
 
     torch.manual_seed(0)
-    net = instantiate(OmegaConf.load(CONF / "swinir_diffbir.yaml")).eval()
+    net = instantiate(net_config("swinir_diffbir")).eval()
     with torch.no_grad():
         for size in [(64, 128), (64, 192)]:
             x = torch.rand(1, 3, *size)

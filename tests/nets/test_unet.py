@@ -8,20 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from bir.nets.attention import CrossAttention, qkv_attention, qkv_attention_legacy
 from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError, load_net
 from bir.nets.unet import AttentionBlock, UNetModel, timestep_embedding
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
-
-
-def build(name: str, **overrides) -> torch.nn.Module:
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    cfg = OmegaConf.merge(cfg, overrides)
-    return instantiate(cfg)
+from tests.conftest import CONF
+from tests.conftest import build_net as build
 
 
 def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -308,8 +300,8 @@ def test_inspect_checkpoint_script(tmp_path, capsys):
     torch.save(
         {"state_dict": {f"model.diffusion_model.{k}": v for k, v in net.state_dict().items()}}, path
     )
-    assert mod.main([str(path), "--net", str(CONF / "unet_sd_tiny.yaml")]) == 0
+    assert mod.main([str(path), "--net", str(CONF / "net" / "unet_sd_tiny.yaml")]) == 0
     out = capsys.readouterr().out
     assert "ldm full checkpoint" in out and "loads with strict=True: yes" in out
-    assert mod.main([str(path), "--net", str(CONF / "unet_adm_tiny.yaml")]) == 1
+    assert mod.main([str(path), "--net", str(CONF / "net" / "unet_adm_tiny.yaml")]) == 1
     assert "shape mismatches" in capsys.readouterr().out

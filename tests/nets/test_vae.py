@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from bir.nets.checkpoints import CheckpointMismatchError, load_net
-from bir.nets.vae import AutoencoderKL, DiagonalGaussianDistribution
+from bir.nets.vae import DiagonalGaussianDistribution
 from bir.random import sample_generators
 from bir.tiling import tiled_apply
-
-CONF = Path(__file__).resolve().parents[2] / "conf" / "net"
-
-
-def build(name: str) -> AutoencoderKL:
-    return instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+from tests.conftest import build_net as build
 
 
 def randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -6,12 +6,9 @@ Adam optimiser, was never optimised (its largest change after 5 iterations was 0
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from bir.operators import (
     Compose,
@@ -20,8 +17,8 @@ from bir.operators import (
     LearnableKernelBlur,
     LowLightOperator,
 )
+from tests.conftest import compose_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 OPERATORS = {
     "kernel_mask": lambda: KernelMaskOperator(kernel_size=3, init="rand", kernel_lr=1.0),
     "lowlight": lambda: LowLightOperator(),
@@ -45,8 +42,7 @@ METHODS = {  # overrides that make each method learn the operator, in a few step
 
 @pytest.fixture(scope="module")
 def prior():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="restore", overrides=["prior=tiny", "input=x", "output=y"])
+    cfg = compose_config("restore", "prior=tiny")
     torch.manual_seed(0)
     return hydra.utils.instantiate(cfg.prior)
 
@@ -62,10 +58,7 @@ def learnable(op) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 @pytest.mark.parametrize("op_name", sorted(OPERATORS))
 def test_every_learnable_parameter_moves(prior, method_name, op_name):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="restore", overrides=[*METHODS[method_name], "input=x", "output=y"]
-        )
+    cfg = compose_config("restore", *METHODS[method_name])
     op = OPERATORS[op_name]()
     start: dict[str, torch.Tensor] = {}
     init_batch = op.init_batch

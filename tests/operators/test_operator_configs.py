@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from tests.conftest import compose_config
+
 EXPECTED = {
     "gaussian_blur_known": ("FixedKernelBlur", (1, 3, 64, 64)),
     "motion_blur_known": ("MotionBlur", (1, 3, 64, 64)),
@@ -29,10 +27,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_operator_config_instantiates(name):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "restore", overrides=["method=baseline", f"operator={name}", "input=a", "output=b"]
-        )
+    cfg = compose_config("restore", "method=baseline", f"operator={name}")
     op = instantiate(cfg.operator)
     cls, out_shape = EXPECTED[name]
     assert type(op).__name__ == cls
