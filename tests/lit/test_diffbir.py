@@ -21,14 +21,8 @@ from bir.lit.diffbir import DiffBIR
 from bir.tiling import num_tiles
 from tests.conftest import compose_config
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_method(seed: int = 0, **overrides) -> DiffBIR:

@@ -26,13 +26,8 @@ from tests.conftest import compose_config
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_parts(seed: int = 0):

@@ -11,14 +11,8 @@ from bir.nets.clip import OpenCLIPTextEncoder
 from bir.nets.controlnet import ControlNet, set_gradient_checkpointing
 from bir.nets.unet import UNetModel
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 TINY_UNET = dict(

@@ -11,13 +11,8 @@ from bir.nets.checkpoints import CheckpointMismatchError, MissingCheckpointError
 from bir.nets.rrdbnet import BSRNET_URL, RRDBNet
 from tests.conftest import net_config
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(seed: int = 0, **overrides) -> RRDBNet:

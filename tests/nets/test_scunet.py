@@ -18,13 +18,8 @@ from bir.nets.scunet import (
 )
 from tests.conftest import net_config
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny nets are overhead-bound: one thread is several times faster on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_config() -> dict:
