@@ -17,9 +17,10 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
+from bir.callbacks.images import comparison_grid
 from bir.data.io import save_image
 from bir.data.samples import holdout_image
-from bir.lit.stage1 import Stage1Restoration, comparison_grid
+from bir.lit.stage1 import Stage1Restoration
 from bir.metrics import psnr, ssim
 from bir.random import sample_generators
 
