@@ -88,7 +88,8 @@ def test_a_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         site,
     ).stdout
     assert (
-        "_target_: bir.lit.bird.BIRD" in job and "_target_: bir.diffusion.prior.PixelPrior" in job
+        "_target_: bir.lit.bird.BIRD" in job
+        and "_target_: bir.lit.pixel_ddpm.load_pixel_prior" in job
     )
     run([str(scripts / "bir-train"), *ONE_STEP], work, site)
     assert (work / "outputs" / "quickstart" / "one_step" / "checkpoints" / "last.ckpt").is_file()
