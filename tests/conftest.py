@@ -80,6 +80,15 @@ def build_net(name: str, **overrides) -> torch.nn.Module:
     return instantiate(OmegaConf.merge(net_config(name), overrides))
 
 
+#: ``bir-train`` overrides for a run without validation (toy training runs in tests)
+NO_VALIDATION = [
+    "data.val=null",
+    "trainer.val_check_interval=null",
+    "trainer.check_val_every_n_epoch=null",
+    "callbacks.model_checkpoint.monitor=null",
+]
+
+
 @pytest.fixture
 def single_thread():
     """One torch thread for the test (modules opt in with

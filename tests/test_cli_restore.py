@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bir.data.io import read_image, save_image
+from tests.conftest import NO_VALIDATION
 
 BIN = Path(sys.executable).parent
 
@@ -163,8 +164,7 @@ def test_wandb_offline_logs_config_git_images_and_table(tmp_path):
 
 def _train(args: list[str], cwd: Path) -> Path:
     """``bir-train`` for one step without validation; the run's last.ckpt."""
-    fast = ["trainer.max_steps=1", "data.val=null", "trainer.val_check_interval=null"]
-    fast += ["trainer.check_val_every_n_epoch=null", "callbacks.model_checkpoint.monitor=null"]
+    fast = ["trainer.max_steps=1", *NO_VALIDATION]
     proc = run_cli("bir-train", [*args, *fast, "run_name=r", "logger=none"], cwd, timeout=600)
     assert proc.returncode == 0
     return next((cwd / "outputs").glob("*/r/checkpoints/last.ckpt"))

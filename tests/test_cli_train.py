@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import NO_VALIDATION
+
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).parent
 
@@ -22,11 +24,6 @@ TINY = [
     "callbacks.model_checkpoint.filename='step{step:03d}'",
     "model.log_images_every_n_steps=0",
     "model.scheduler.total_steps=20",
-]
-NO_VAL = [
-    "data.val=null",
-    "trainer.val_check_interval=null",
-    "trainer.check_val_every_n_epoch=null",
 ]
 
 
@@ -59,7 +56,7 @@ def _step(ckpt: Path) -> int:
 def test_train_ddp_cpu_two_ranks_agree(tmp_path):
     proc = run_train(
         [
-            *NO_VAL,
+            *NO_VALIDATION,
             "trainer=ddp_cpu",
             "trainer.max_steps=3",
             "run_name=ddp",
@@ -131,6 +128,6 @@ def test_train_killed_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_path)
 
 
 def test_train_bad_config_key_is_a_clear_error(tmp_path):
-    proc = run_train([*NO_VAL, "model.not_an_argument=1", "trainer.max_steps=1"], tmp_path)
+    proc = run_train([*NO_VALIDATION, "model.not_an_argument=1", "trainer.max_steps=1"], tmp_path)
     assert proc.returncode != 0
     assert "not_an_argument" in proc.stderr

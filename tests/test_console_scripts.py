@@ -15,6 +15,7 @@ import torch
 
 from bir.cli import CONFIG_DIR
 from bir.data.io import read_image, save_image
+from tests.conftest import NO_VALIDATION
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -125,10 +126,7 @@ def test_train_one_step_quickstart(tmp_path):
         "trainer.max_steps=1",
         "data.train.crop_size=32",
         "data.batch_size=2",
-        "data.val=null",
-        "trainer.val_check_interval=null",
-        "trainer.check_val_every_n_epoch=null",
-        "callbacks.model_checkpoint.monitor=null",
+        *NO_VALIDATION,
         "model.log_images_every_n_steps=0",
         "model.scheduler.total_steps=1",
         "run_name=one",

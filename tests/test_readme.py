@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NO_VALIDATION
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DOCS = [ROOT / "README.md", ROOT / "docker" / "README.md"]
@@ -79,10 +81,7 @@ EXPECTED_MARKED = [
 TINY_TRAIN = [
     "data.train.crop_size=32",
     "data.batch_size=2",
-    "data.val=null",
-    "trainer.val_check_interval=null",
-    "trainer.check_val_every_n_epoch=null",
-    "callbacks.model_checkpoint.monitor=null",
+    *NO_VALIDATION,
     "model.log_images_every_n_steps=0",
     "trainer.max_steps=2",
 ]
@@ -320,10 +319,7 @@ def train_stage1_checkpoint(cwd: Path) -> None:
         "data.num_workers=0",
         "data.persistent_workers=false",
         "data.pin_memory=false",
-        "data.val=null",
-        "trainer.val_check_interval=null",
-        "trainer.check_val_every_n_epoch=null",
-        "callbacks.model_checkpoint.monitor=null",
+        *NO_VALIDATION,
         "callbacks.model_checkpoint.every_n_train_steps=null",
         "model.log_images_every_n_steps=0",
     ]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NO_VALIDATION
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BLOCK = 32 * 1024
@@ -159,10 +161,7 @@ def test_training_run_has_resolved_config_git_commit_per_step_metrics_and_grids(
         "tags=[readback]",
         "data.train.crop_size=32",
         "data.batch_size=2",
-        "data.val=null",
-        "trainer.val_check_interval=null",
-        "trainer.check_val_every_n_epoch=null",
-        "callbacks.model_checkpoint.monitor=null",
+        *NO_VALIDATION,
         "trainer.max_steps=3",
         "trainer.log_every_n_steps=1",
         "model.log_images_every_n_steps=2",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONF
+from tests.conftest import CONF, NO_VALIDATION
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,11 +20,8 @@ ONE_STEP = [
     "experiment=quickstart",
     "data.train.crop_size=32",
     "data.batch_size=2",
-    "data.val=null",
     "trainer.max_steps=1",
-    "trainer.val_check_interval=null",
-    "trainer.check_val_every_n_epoch=null",
-    "callbacks.model_checkpoint.monitor=null",
+    *NO_VALIDATION,
     "callbacks.model_checkpoint.filename='step{step:03d}'",
     "model.log_images_every_n_steps=0",
     "model.scheduler.total_steps=20",
